@@ -1,0 +1,254 @@
+"""The base config (every key and its default), loading, overrides and validation.
+
+Config files build on `base()`: `config = base(); config.model.name = "vit"; return config`.
+The base is locked, so a typo in a config file or on the command line is an error, never a new key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+    """A user error in a config: the message names the key, the value and what is valid."""
+
+
+def base() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.total_steps = 6000
+    c.batch_size = 128  # global, over all processes and devices
+    c.eval_batch_size = 500  # global; the last eval batch is padded and masked
+    c.eval_every = 1000  # steps; 0 = only at the end
+    c.log_every = 100
+    c.checkpoint_every = 1000  # steps; 0 = only at the end
+    c.keep_checkpoints = 3
+
+    c.data = ConfigDict()
+    c.data.name = "mnist1d"
+    c.data.standardize = True  # with train-split statistics
+    c.data.permute_positions = False  # a fixed spatial shuffle of each input (MNIST-1D paper)
+    c.data.num_train = 0  # 0 = the whole train split
+    c.data.synthetic_shape = (32, 32, 3)
+    c.data.synthetic_classes = 10
+    c.data.synthetic_size = 4096
+    c.data.read_threads = 2
+    c.data.prefetch = 4
+
+    c.model = ConfigDict()
+    c.model.name = "cnn1d"
+    c.model.width = 32
+    c.model.depth = 4
+    c.model.kernel_size = 5
+    c.model.dropout = 0.0
+    c.model.variant = ""  # resnet: resnet18|resnet50|cifar; vit: Ti|S|B
+    c.model.patch_size = 16
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+
+    c.loss = ConfigDict()
+    c.loss.name = "softmax_xent"
+    c.loss.label_smoothing = 0.0
+
+    c.optim = ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 3e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 100
+    c.optim.end_lr_fraction = 0.0
+    c.optim.weight_decay = 0.05  # not applied to biases and norm scales
+    c.optim.momentum = 0.9  # sgd
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 1.0  # global norm; 0 = off
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1 = all devices left over
+    c.mesh.fsdp = 1
+    c.lock()
+    return c
+
+
+# --- loading
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path.py[:arg]`, applies `key=value` overrides and validates."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} not found; pass e.g. --config configs/mnist1d.py")
+    module_spec = importlib.util.spec_from_file_location(f"bigtrain_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(arg); see configs/mnist1d.py")
+    try:
+        config = module.get_config(arg or None)
+    except (AttributeError, KeyError) as e:
+        raise ConfigError(f"{path}: {_clean(e)}") from None
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} has no value; write --config.{key}=VALUE")
+        set_value(config, key, value)
+    validate(config)
+    return config
+
+
+def set_value(config: ConfigDict, key: str, text: str) -> None:
+    """Sets a dotted key from its command-line text, parsed by the type of its default."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name] if isinstance(node, ConfigDict) and name in node else None
+    if not isinstance(node, ConfigDict) or leaf not in node:
+        raise ConfigError(_unknown_key(key, config))
+    node[leaf] = _parse(key, text, node[leaf])
+
+
+def _parse(key: str, text: str, default: Any) -> Any:
+    kind = type(default)
+    if isinstance(default, ConfigDict):
+        raise ConfigError(f"{key} is a group of keys ({', '.join(default)}); set one of them")
+    try:
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        if kind is tuple:
+            value = ast.literal_eval(text)
+            return tuple(value) if isinstance(value, list | tuple) else (value,)
+    except (ValueError, SyntaxError):
+        pass
+    raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__} (default: {default!r})")
+
+
+def _unknown_key(key: str, config: ConfigDict) -> str:
+    keys = list(_flat_keys(config))
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(keys)}"
+    return f"unknown config key {key!r}: {hint}"
+
+
+def _flat_keys(config: ConfigDict, prefix: str = "") -> Iterator[str]:
+    for name, value in config.items():
+        if isinstance(value, ConfigDict):
+            yield from _flat_keys(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def _clean(e: Exception) -> str:
+    return str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+
+
+# --- validation
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks keys, types and ranges against the base before anything is compiled."""
+    reference = base()
+    known = set(_flat_keys(reference))
+    for key in _flat_keys(config):
+        if key not in known:
+            raise ConfigError(_unknown_key(key, reference))
+    for key in known:
+        value, default = _get(config, key), _get(reference, key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if type(value) is not type(default):
+            raise ConfigError(
+                f"{key}={value!r} has type {type(value).__name__}; "
+                f"expected {type(default).__name__} like the default {default!r}"
+            )
+    for key, ok, valid in _rules():
+        if not ok(_get(config, key)):
+            raise ConfigError(f"{key}={_get(config, key)!r} is invalid; valid: {valid}")
+    sizes = [config.mesh.data, config.mesh.fsdp]
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"mesh sizes {sizes}: at most one axis may be -1 (filled from devices)")
+
+
+def _rules() -> list[tuple[str, Any, str]]:
+    from bigtrain import losses, models, optim
+    from bigtrain.data import sources
+
+    positive = (lambda v: v > 0, "> 0")
+    non_negative = (lambda v: v >= 0, ">= 0")
+
+    def one_of(names):
+        return (lambda v: v in names, " | ".join(sorted(names)))
+
+    table = {
+        "seed": non_negative,
+        "total_steps": positive,
+        "batch_size": positive,
+        "eval_batch_size": positive,
+        "eval_every": non_negative,
+        "log_every": positive,
+        "checkpoint_every": non_negative,
+        "keep_checkpoints": positive,
+        "data.name": one_of(sources.DATASETS),
+        "data.num_train": non_negative,
+        "data.synthetic_classes": (lambda v: v >= 2, ">= 2"),
+        "data.synthetic_size": positive,
+        "data.synthetic_shape": (lambda v: len(v) >= 1 and all(d > 0 for d in v), "dims > 0"),
+        "data.read_threads": positive,
+        "data.prefetch": non_negative,
+        "model.name": one_of(models.MODELS),
+        "model.width": positive,
+        "model.depth": positive,
+        "model.kernel_size": positive,
+        "model.patch_size": positive,
+        "model.dropout": (lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+        "model.dtype": one_of({"float32", "bfloat16", "float16"}),
+        "loss.name": one_of(losses.LOSSES),
+        "loss.label_smoothing": (lambda v: 0 <= v < 1, "0 <= label_smoothing < 1"),
+        "optim.name": one_of(optim.OPTIMIZERS),
+        "optim.schedule": one_of(optim.SCHEDULES),
+        "optim.learning_rate": positive,
+        "optim.warmup_steps": non_negative,
+        "optim.end_lr_fraction": (lambda v: 0 <= v <= 1, "0 <= end_lr_fraction <= 1"),
+        "optim.weight_decay": non_negative,
+        "optim.momentum": (lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+        "optim.b1": (lambda v: 0 <= v < 1, "0 <= b1 < 1"),
+        "optim.b2": (lambda v: 0 <= v < 1, "0 <= b2 < 1"),
+        "optim.clip_norm": non_negative,
+        "mesh.data": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+        "mesh.fsdp": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+    }
+    return [(key, check, valid) for key, (check, valid) in table.items()]
+
+
+def _get(config: ConfigDict, key: str) -> Any:
+    for name in key.split("."):
+        config = config[name]
+    return config
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Parses a variant argument: 'size=S,patch=16' -> {'size': 'S', 'patch': '16'}."""
+    if not arg:
+        return {}
+    out = {}
+    for part in arg.split(","):
+        name, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"config argument {part!r} must look like name=value")
+        out[name.strip()] = value.strip()
+    return out

@@ -1,0 +1,130 @@
+"""Built-in offline datasets with fixed train/test splits. No downloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+
+import numpy as np
+from ml_collections import ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+    """In-memory splits; inputs are float32 and channels-last, labels int32."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("BIGTRAIN_CACHE", pathlib.Path.home() / ".cache" / "bigtrain")
+    return pathlib.Path(root)
+
+
+@functools.cache
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+    """Generates MNIST-1D with the paper's default arguments (cached: generation takes ~4 s)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    path = _cache_dir() / "mnist1d-default-v1.npz"
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                return dict(f)
+        except (OSError, ValueError):
+            pass  # a corrupt cache is regenerated below
+    d = make_dataset(get_dataset_args())
+    arrays = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+def mnist1d(cfg: ConfigDict) -> ArrayDataset:
+    d = _mnist1d_arrays()
+    f32 = lambda a: a.astype(np.float32)[..., None]  # (N, 40) -> (N, 40, 1): length, channels
+    return ArrayDataset(
+        f32(d["x"]),
+        d["y"].astype(np.int32),
+        f32(d["x_test"]),
+        d["y_test"].astype(np.int32),
+        num_classes=10,
+    )
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, num_classes: int) -> ArrayDataset:
+    """A fixed split: the same permutation (seed 0) on every machine, whatever the run's seed."""
+    order = np.random.default_rng(0).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    x, y = x.astype(np.float32), y.astype(np.int32)
+    return ArrayDataset(x[train], y[train], x[test], y[test], num_classes)
+
+
+def digits(cfg: ConfigDict) -> ArrayDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _split(d.images[..., None], d.target, 0.2, num_classes=10)  # (N, 8, 8, 1)
+
+
+def breast_cancer(cfg: ConfigDict) -> ArrayDataset:
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    return _split(d.data, d.target, 0.2, num_classes=2)  # (N, 30)
+
+
+def synthetic(cfg: ConfigDict) -> ArrayDataset:
+    """Random inputs whose label is a fixed linear function of them: learnable, any shape."""
+    rng = np.random.default_rng(1234)
+    shape, k, n = tuple(cfg.synthetic_shape), cfg.synthetic_classes, cfg.synthetic_size
+    x = rng.standard_normal((n + max(n // 8, 1), *shape), dtype=np.float32)
+    w = rng.standard_normal((int(np.prod(shape)), k), dtype=np.float32)
+    y = np.argmax(x.reshape(len(x), -1) @ w, axis=1).astype(np.int32)
+    return ArrayDataset(x[:n], y[:n], x[n:], y[n:], num_classes=k)
+
+
+DATASETS = {
+    "mnist1d": mnist1d,
+    "digits": digits,
+    "breast_cancer": breast_cancer,
+    "synthetic": synthetic,
+}
+
+
+def load(cfg: ConfigDict) -> ArrayDataset:
+    if cfg.name not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
+    ds = DATASETS[cfg.name](cfg)
+    if cfg.num_train:
+        ds = dataclasses.replace(
+            ds, x_train=ds.x_train[: cfg.num_train], y_train=ds.y_train[: cfg.num_train]
+        )
+    if cfg.permute_positions:
+        ds = _permute_positions(ds)
+    return ds
+
+
+def _permute_positions(ds: ArrayDataset) -> ArrayDataset:
+    """One fixed permutation of the spatial positions, the same for every example and split."""
+    spatial = ds.input_shape[:-1] if len(ds.input_shape) > 1 else ds.input_shape
+    perm = np.random.default_rng(0).permutation(int(np.prod(spatial)))
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        flat = x.reshape(len(x), len(perm), -1)
+        return flat[:, perm].reshape(x.shape)
+
+    return dataclasses.replace(ds, x_train=apply(ds.x_train), x_test=apply(ds.x_test))

@@ -1,0 +1,75 @@
+"""CLI: python -m bigtrain.main --config configs/x.py[:arg] --workdir DIR [--config.key=value ...]
+
+User errors (bad config, bad flags) print one message and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USAGE = "python -m bigtrain.main --config configs/x.py[:arg] --workdir DIR [--config.KEY=VALUE ...]"
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="bigtrain.main", usage=USAGE)
+    parser.add_argument("--config", required=True, help="config file, optionally with :variant")
+    parser.add_argument("--workdir", required=True, help="checkpoints and logs; resumes if present")
+    parser.add_argument("--coordinator", help="multi-host: coordinator address host:port")
+    parser.add_argument("--num_processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process_id", type=int, help="multi-host: this process's index")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(
+                f"unrecognized argument {item!r}; config overrides look like "
+                "--config.total_steps=500"
+            )
+        key, eq, value = item[len("--config.") :].partition("=")
+        if not eq:
+            parser.error(f"{item!r} has no value; write {item}=VALUE")
+        overrides.append(f"{key}={value}")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from bigtrain import checkpoint
+    from bigtrain import config as config_lib
+
+    try:
+        config = config_lib.load(args.config, overrides)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    if args.coordinator or args.num_processes:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    from bigtrain import train
+
+    try:
+        metrics = train.run(config, args.workdir)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except checkpoint.CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 3
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if "/" in k)
+    print(f"done: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""MNIST-1D (Greydanus & Kobak), generated offline by the `mnist1d` package.
+
+    python -m bigtrain.main --config configs/mnist1d.py --workdir runs/mnist1d
+    python -m bigtrain.main --config configs/mnist1d.py:model=mlp --workdir runs/mnist1d-mlp
+    python -m bigtrain.main --config configs/mnist1d.py:model=logreg,shuffle=1 --workdir runs/x
+
+Variants: model=cnn|mlp|logreg, shuffle=0|1 (a fixed spatial permutation of the signal).
+Measured: TBD
+"""
+
+from bigtrain.config import base, parse_arg
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg)
+    c = base()
+    c.data.name = "mnist1d"
+    c.data.permute_positions = args.get("shuffle", "0") == "1"
+    c.total_steps = 6000
+    c.batch_size = 128
+    c.eval_every = 1000
+    model = args.get("model", "cnn")
+    if model == "cnn":
+        c.model.name = "cnn1d"
+        c.model.width, c.model.depth, c.model.kernel_size = 32, 4, 5
+    elif model == "mlp":
+        c.model.name = "mlp"
+        c.model.width, c.model.depth = 100, 2
+    elif model == "logreg":
+        c.model.name = "logreg"
+    else:
+        raise ValueError(f"model={model!r}: choose cnn, mlp or logreg")
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 3e-3
+    c.optim.weight_decay = 0.05
+    return c
