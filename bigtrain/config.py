@@ -25,7 +25,7 @@ def base() -> ConfigDict:
     c.seed = 0
     c.total_steps = 6000
     c.batch_size = 128  # global, over all processes and devices
-    c.eval_batch_size = 500  # global; the last eval batch is padded and masked
+    c.eval_batch_size = 512  # global; the last eval batch is padded and masked
     c.eval_every = 1000  # steps; 0 = only at the end
     c.log_every = 100
     c.checkpoint_every = 1000  # steps; 0 = only at the end

@@ -113,6 +113,7 @@ def run(
     pending: dict[str, Any] | None = None  # step N's metrics, read after step N+1 is dispatched
     clock = {"step": start, "time": time.perf_counter(), "paused": 0.0}
     final: dict[str, float] = {}
+    first_row_extra = {"perf/compile_secs": compile_secs}
     last = min(config.total_steps, stop_at_step or config.total_steps)
     if start == 0:
         writer.write_text("config", str(config))
@@ -123,12 +124,13 @@ def run(
             final.update(_flush(writer, pending, clock, config.batch_size))
             pending = None
         if done % config.log_every == 0 or done == last:
-            pending = {"step": done, "train": metrics, "extra": {}}
-            if done == start + config.log_every or (done == last and start == 0):
-                pending["extra"]["perf/compile_secs"] = compile_secs
+            pending = {"step": done, "train": metrics, "extra": first_row_extra}
+            first_row_extra = {}
         if _due(done, config.eval_every, config.total_steps):
+            jax.block_until_ready(state)  # queued train steps count as training time, not eval
             t = time.perf_counter()
             pending = pending or {"step": done, "train": None, "extra": {}}
+            pending["extra"] = dict(pending["extra"])
             pending["extra"].update(evaluate(eval_step, state, data))
             clock["paused"] += time.perf_counter() - t
         if _due(done, config.checkpoint_every, config.total_steps) or done == last:

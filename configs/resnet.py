@@ -1,0 +1,34 @@
+"""ResNet on synthetic images: a benchmark and scaling config, no download.
+
+    python -m bigtrain.main --config configs/resnet.py:variant=cifar --workdir runs/resnet-cifar
+
+Variants: variant=cifar|resnet18|resnet50, image=N (side; default 32, use 224 for the ImageNet
+stems), steps=N.
+Measured: TBD
+"""
+
+from bigtrain.config import base, parse_arg
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg)
+    c = base()
+    side = int(args.get("image", "32"))
+    c.data.name = "synthetic"
+    c.data.synthetic_shape = (side, side, 3)
+    c.data.synthetic_classes = 10
+    c.data.synthetic_size = 8192
+    c.model.name = "resnet"
+    c.model.variant = args.get("variant", "cifar")
+    c.total_steps = int(args.get("steps", "300"))
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.eval_every = 0
+    c.log_every = 25
+    c.checkpoint_every = 0
+    c.optim.name = "sgd"
+    c.optim.learning_rate = 0.1
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.warmup_steps = 30
+    return c
