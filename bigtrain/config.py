@@ -29,7 +29,19 @@ def base() -> ConfigDict:
     c.eval_every = 1000  # steps; 0 = only at the end
     c.log_every = 100
     c.checkpoint_every = 1000  # steps; 0 = only at the end
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # the last N steps are kept ...
+    c.keep_best_checkpoints = 0  # ... plus the best K by best_metric (measured at eval steps)
+    c.best_metric = "eval/accuracy"
+    c.best_mode = "max"
+    c.checkpoint_every_minutes = 0.0  # also save when this much time passed; 0 = off
+    c.nan_policy = "skip"  # skip: drop the update, count it; halt: dump diagnostics, exit 4
+    c.nan_max_consecutive = 10  # skip: halt after this many non-finite steps in a row
+    c.watchdog_secs = 0.0  # exit 70 with all thread stacks if no step completes in time; 0 = off
+
+    c.init_from = ConfigDict()  # partial init of a fresh run from another run's checkpoint
+    c.init_from.path = ""  # a workdir or its ckpt/ directory
+    c.init_from.parts = "params"  # comma-separated: params, model_state, opt_state
+    c.init_from.exclude = ""  # regex of parameter paths to keep at init (e.g. a new head)
 
     c.data = ConfigDict()
     c.data.name = "mnist1d"
@@ -203,6 +215,16 @@ def _rules() -> list[tuple[str, Any, str]]:
         "log_every": positive,
         "checkpoint_every": non_negative,
         "keep_checkpoints": positive,
+        "keep_best_checkpoints": non_negative,
+        "best_mode": one_of({"max", "min"}),
+        "checkpoint_every_minutes": non_negative,
+        "nan_policy": one_of({"skip", "halt"}),
+        "nan_max_consecutive": positive,
+        "watchdog_secs": non_negative,
+        "init_from.parts": (
+            lambda v: set(v.replace(" ", "").split(",")) <= {"params", "model_state", "opt_state"},
+            "a comma-separated subset of params, model_state, opt_state",
+        ),
         "data.name": one_of(sources.DATASETS),
         "data.num_train": non_negative,
         "data.synthetic_classes": (lambda v: v >= 2, ">= 2"),

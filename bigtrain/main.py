@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 
 USAGE = "python -m bigtrain.main --config configs/x.py[:arg] --workdir DIR [--config.KEY=VALUE ...]"
 
@@ -34,13 +36,38 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+def _one_line(record: logging.LogRecord) -> bool:
+    """Drops library tracebacks from the log: the error they describe is reported once, by us."""
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _thread_error(args: threading.ExceptHookArgs) -> None:
+    name = args.thread.name if args.thread else "?"
+    print(f"error in thread {name}: {args.exc_type.__name__}: {args.exc_value}", file=sys.stderr)
+
+
+def _unraisable(args) -> None:
+    print(
+        f"ignored in a library callback: {args.exc_type.__name__}: {args.exc_value}",
+        file=sys.stderr,
+    )
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "grain"):
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "grain", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).addFilter(_one_line)  # we report their errors ourselves
 
     from bigtrain import checkpoint
     from bigtrain import config as config_lib
@@ -56,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.coordinator or args.num_processes:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
-    from bigtrain import train
+    from bigtrain import resilience, train
 
     try:
         metrics = train.run(config, args.workdir)
@@ -66,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     except checkpoint.CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 3
+    except checkpoint.CheckpointSaveError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        _exit_now(3)  # Orbax's failed background writers would print tracebacks at shutdown
+    except resilience.NonFiniteError as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 4
+    if metrics.get("preempted"):
+        print("preempted: checkpoint saved; run the same command again to resume")
+        return 0
     summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if "/" in k)
     print(f"done: {summary}")
     return 0

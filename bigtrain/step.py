@@ -45,6 +45,21 @@ def init_state(create: Callable[[], nnx.Module], tx: optax.GradientTransformatio
         "params": params,
         "model_state": model_state,
         "opt_state": tx.init(params),
+        "guard": init_guard(),
+    }
+
+
+def init_guard() -> dict:
+    """Counters of non-finite steps: total skipped, current and longest streak, the last one."""
+    i32 = lambda v: jnp.full((), v, jnp.int32)
+    f32 = lambda v: jnp.full((), v, jnp.float32)
+    return {
+        "skipped": i32(0),
+        "streak": i32(0),
+        "max_streak": i32(0),
+        "last_bad_step": i32(-1),
+        "last_bad_loss": f32(0.0),
+        "last_bad_grad_norm": f32(0.0),
     }
 
 
@@ -76,21 +91,44 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        )
+        # A non-finite step changes nothing but the step counter and the guard's counts.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        guard = _update_guard(state["guard"], finite, state["step"] + 1, loss, grad_norm)
         metrics = {
             "train/loss": loss,
             "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
-            "train/grad_norm": optax.tree.norm(grads),
+            "train/grad_norm": grad_norm,
             "train/learning_rate": lr(state["step"]),
+            "train/nonfinite_steps": guard["skipped"],
+            "train/nonfinite_streak": guard["max_streak"],
         }
         new_state = {
             "step": state["step"] + 1,
-            "params": params,
-            "model_state": model_state,
-            "opt_state": opt_state,
+            "params": keep(params, state["params"]),
+            "model_state": keep(model_state, state["model_state"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "guard": guard,
         }
         return new_state, metrics
 
     return train_step
+
+
+def _update_guard(g: dict, finite: jax.Array, step: jax.Array, loss, grad_norm) -> dict:
+    bad = ~finite
+    streak = jnp.where(finite, 0, g["streak"] + 1)
+    return {
+        "skipped": g["skipped"] + bad.astype(jnp.int32),
+        "streak": streak,
+        "max_streak": jnp.maximum(g["max_streak"], streak),
+        "last_bad_step": jnp.where(bad, step, g["last_bad_step"]),
+        "last_bad_loss": jnp.where(bad, loss, g["last_bad_loss"]),
+        "last_bad_grad_norm": jnp.where(bad, grad_norm, g["last_bad_grad_norm"]),
+    }
 
 
 def make_eval_step(model: Model, *, loss_name: str):

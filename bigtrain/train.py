@@ -5,20 +5,24 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import pathlib
+import re
 import time
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bigtrain import checkpoint, models, optim, sharding, writers
+from bigtrain import checkpoint, models, optim, resilience, sharding, writers
 from bigtrain import config as config_lib
 from bigtrain import data as data_lib
 from bigtrain import step as step_lib
 
 log = logging.getLogger("bigtrain")
+
+INPUT_BOUND_FRACTION = 0.1  # warn once when more than this share of step time waits for data
 
 
 def run(
@@ -27,7 +31,8 @@ def run(
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     `stop_at_step` ends this call early after that step with a checkpoint saved, as if preempted;
-    running again continues to `config.total_steps`.
+    running again continues to `config.total_steps`. The result has `"preempted": 1.0` when a
+    SIGTERM/SIGINT stopped the run early.
     """
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
@@ -39,7 +44,7 @@ def run(
     sharding.check_batch(config.eval_batch_size, mesh, key="eval_batch_size")
     data = data_lib.build(config, mesh)
 
-    # --- model, optimizer, sharded init
+    # --- model, optimizer, shardings
     tx, lr = optim.build(config.optim, config.total_steps)
 
     def create() -> nnx.Module:
@@ -56,8 +61,15 @@ def run(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
     )
 
-    # --- restore or init
-    ckpt = checkpoint.Checkpointer(workdir / "ckpt", keep=config.keep_checkpoints)
+    # --- restore, or init (optionally from another run's checkpoint)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "ckpt",
+        keep=config.keep_checkpoints,
+        keep_best=config.keep_best_checkpoints,
+        best_metric=config.best_metric,
+        best_mode=config.best_mode,
+    )
+    _check_compatible(ckpt, config)
     restored = ckpt.restore(abstract, data.train)
     if restored is not None:
         state, _, start = restored
@@ -65,8 +77,219 @@ def run(
     else:
         init = jax.jit(lambda: step_lib.init_state(create, tx), out_shardings=state_sharding)
         state, start = init(), 0
+        if config.init_from.path:
+            state = _init_from(state, config.init_from, state_sharding)
 
-    # --- compile (ahead of time, so step 0 is not slow and errors come before training)
+    # --- compile (ahead of time: errors and memory use show before step 0)
+    train_step, batch_sharding = _compile_train_step(
+        config, model, tx, lr, state_sharding, abstract, data, mesh
+    )
+    eval_step = jax.jit(
+        step_lib.make_eval_step(model, loss_name=config.loss.name), donate_argnums=2
+    )
+
+    # --- loop
+    writer = writers.Writer(
+        workdir,
+        enabled=is_writer,
+        start_step=start,
+        total_steps=config.total_steps,
+        batch_size=config.batch_size,
+    )
+    meta = _metadata(config, mesh)
+    preemption = resilience.Preemption()
+    watchdog = resilience.Watchdog(config.watchdog_secs, workdir / "watchdog_stacks.txt")
+    clock = _Clock(start)
+    pending: dict[str, Any] | None = None  # step N's metrics, read after step N+1 is dispatched
+    final: dict[str, float] = {}
+    extra: dict[str, float] = {"perf/compile_secs": train_step.compile_secs}
+    last = min(config.total_steps, stop_at_step or config.total_steps)
+    last_save = time.monotonic()
+    preempted = False
+    if start == 0:
+        writer.write_text("config", str(config))
+    done = start
+    try:
+        for done in range(start + 1, last + 1):
+            t = time.perf_counter()
+            batch = data.next_train()
+            clock.data_wait += time.perf_counter() - t
+            state, metrics = train_step(state, batch)
+            watchdog.beat()
+            if pending is not None:
+                row = _flush(writer, pending, clock, config, data)
+                final.update(row)
+                _check_nonfinite(row, config, workdir, data, state)
+                pending = None
+            preempted = preemption.should_stop(done)
+            if done % config.log_every == 0 or done == last or preempted:
+                pending = {"step": done, "train": metrics, "extra": extra}
+                extra = {}
+            eval_metrics = {}
+            if _due(done, config.eval_every, config.total_steps):
+                jax.block_until_ready(state)  # queued train steps count as training time
+                t = time.perf_counter()
+                eval_metrics = evaluate(eval_step, state, data, watchdog)
+                pending = pending or {"step": done, "train": None, "extra": {}}
+                pending["extra"] = {**pending["extra"], **eval_metrics}
+                clock.paused += time.perf_counter() - t
+            timed = _minutes_passed(last_save, config.checkpoint_every_minutes, done)
+            if (
+                _due(done, config.checkpoint_every, config.total_steps)
+                or done == last
+                or (timed or preempted)
+            ):
+                ckpt.save(done, state, data.train, {**meta, "step": done, "metrics": eval_metrics})
+                last_save = time.monotonic()
+            if preempted:
+                break
+        if pending is not None:
+            row = _flush(writer, pending, clock, config, data)
+            final.update(row)
+            _check_nonfinite(row, config, workdir, data, state)
+        if start >= last:  # nothing left to train: report the restored model
+            final = evaluate(eval_step, state, data, watchdog)
+
+        # --- finish: the last checkpoint is committed (and verified) before returning
+        ckpt.close()
+    except BaseException:
+        _close_quietly(ckpt)  # commit what is in flight; the original error is the one to show
+        raise
+    finally:
+        watchdog.close()
+        preemption.close()
+        writer.close()
+    if preempted:
+        log.warning(
+            "stopped by %s at step %d of %d with a checkpoint saved; run the same command "
+            "again to resume",
+            preemption.signal_name,
+            done,
+            config.total_steps,
+        )
+        final["preempted"] = 1.0
+    elif done < config.total_steps:
+        log.info("stopped at step %d of %d; run again to continue", done, config.total_steps)
+    return final
+
+
+def evaluate(eval_step, state, data: data_lib.Data, watchdog=None) -> dict[str, float]:
+    sums = step_lib.zero_sums()
+    for batch in data.eval_batches():
+        sums = eval_step(state, batch, sums)
+        if watchdog is not None:
+            watchdog.beat()
+    sums = jax.device_get(sums)
+    count = float(sums["count"])
+    return {
+        "eval/loss": float(sums["loss"]) / count,
+        "eval/accuracy": float(sums["correct"]) / count,
+        "eval/count": count,
+    }
+
+
+class _Clock:
+    """Throughput and input-wait bookkeeping between two logged steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.time = step, time.perf_counter()
+        self.paused = 0.0  # eval time, excluded from throughput
+        self.data_wait = 0.0  # time the loop waited for the next batch
+        self.warned_input_bound = False
+
+
+def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict, data) -> dict:
+    row = dict(pending["extra"])
+    if pending["train"] is not None:
+        row.update({k: float(v) for k, v in jax.device_get(pending["train"]).items()})
+        now = time.perf_counter()
+        elapsed = now - clock.time - clock.paused
+        steps = pending["step"] - clock.step
+        if elapsed > 0 and steps > 0:
+            row["perf/steps_per_sec"] = steps / elapsed
+            row["perf/examples_per_sec"] = steps * config.batch_size / elapsed
+            row["perf/data_wait_frac"] = min(clock.data_wait / elapsed, 1.0)
+            _warn_if_input_bound(row["perf/data_wait_frac"], clock, config)
+        clock.step, clock.time, clock.paused, clock.data_wait = pending["step"], now, 0.0, 0.0
+    skipped = getattr(data, "skipped_records", None)
+    if skipped is not None:
+        row["data/skipped_records"] = int(skipped)
+    writer.write(pending["step"], row)
+    return row
+
+
+def _warn_if_input_bound(frac: float, clock: _Clock, config: ConfigDict) -> None:
+    if frac > INPUT_BOUND_FRACTION and not clock.warned_input_bound:
+        clock.warned_input_bound = True
+        log.warning(
+            "input-bound: %.0f%% of step time waits for data. Try more read threads "
+            "(--config.data.read_threads=%d), a deeper prefetch (--config.data.prefetch=%d)%s",
+            100 * frac,
+            2 * config.data.read_threads,
+            2 * max(config.data.prefetch, 1),
+            ", or worker processes (--config.data.workers)" if "workers" in config.data else "",
+        )
+
+
+def _check_nonfinite(row: dict, config: ConfigDict, workdir, data, state) -> None:
+    """Applies the NaN policy from the guard counters the step reports (one step late)."""
+    skipped, streak = row.get("train/nonfinite_steps", 0), row.get("train/nonfinite_streak", 0)
+    halt = skipped > 0 if config.nan_policy == "halt" else streak >= config.nan_max_consecutive
+    if not halt:
+        return
+    guard = {k: v.item() for k, v in jax.device_get(state["guard"]).items()}
+    bad_step = int(guard["last_bad_step"])
+    dump = pathlib.Path(workdir) / "nonfinite.json"
+    if jax.process_index() == 0:
+        resilience.write_nonfinite_dump(
+            dump,
+            {
+                "step": bad_step,
+                "nonfinite": {k: str(guard[f"last_bad_{k}"]) for k in ("loss", "grad_norm")},
+                "skipped_steps": int(skipped),
+                "longest_streak": int(streak),
+                "batch_record_indices": resilience.batch_record_indices(
+                    data.num_train, config.seed, config.batch_size, bad_step
+                ),
+                "policy": {
+                    "nan_policy": config.nan_policy,
+                    "nan_max_consecutive": config.nan_max_consecutive,
+                },
+            },
+        )
+    raise resilience.NonFiniteError(
+        f"non-finite loss or gradients at step {bad_step} (loss={guard['last_bad_loss']}, "
+        f"grad_norm={guard['last_bad_grad_norm']}): {int(skipped)} step(s) skipped, longest "
+        f"streak {int(streak)} (nan_policy={config.nan_policy!r}, nan_max_consecutive="
+        f"{config.nan_max_consecutive}). No update from them was applied or saved. "
+        f"Diagnostics with the batch's record indices: {dump}"
+    )
+
+
+def _close_quietly(ckpt: checkpoint.Checkpointer) -> None:
+    try:
+        ckpt.close()
+    except Exception as e:  # noqa: BLE001
+        log.error("while stopping: %s", e)
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _minutes_passed(since: float, minutes: float, step: int) -> bool:
+    """Time-based save decision; multi-process runs take process 0's clock so all agree."""
+    if minutes <= 0:
+        return False
+    passed = time.monotonic() - since >= 60 * minutes
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        passed = bool(multihost_utils.broadcast_one_to_all(np.asarray(passed)))
+    return passed
+
+
+def _compile_train_step(config, model, tx, lr, state_sharding, abstract, data, mesh):
     batch_sharding = {
         "x": sharding.batch_sharding(mesh, 1 + len(data.input_shape)),
         "y": sharding.batch_sharding(mesh, 1),
@@ -78,16 +301,17 @@ def run(
         "y": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=batch_sharding["y"]),
     }
     t0 = time.perf_counter()
-    train_step = (
+    step_fn = step_lib.make_train_step(
+        model,
+        tx,
+        lr,
+        loss_name=config.loss.name,
+        label_smoothing=config.loss.label_smoothing,
+        seed=config.seed,
+    )
+    compiled = (
         jax.jit(
-            step_lib.make_train_step(
-                model,
-                tx,
-                lr,
-                loss_name=config.loss.name,
-                label_smoothing=config.loss.label_smoothing,
-                seed=config.seed,
-            ),
+            step_fn,
             in_shardings=(state_sharding, batch_sharding),
             out_shardings=(state_sharding, sharding.replicated(mesh)),
             donate_argnums=0,
@@ -95,89 +319,10 @@ def run(
         .lower(abstract, batch_spec)
         .compile()
     )
-    eval_step = jax.jit(
-        step_lib.make_eval_step(model, loss_name=config.loss.name), donate_argnums=2
-    )
-    compile_secs = time.perf_counter() - t0
-    log.info("compiled the train step in %.1f s; %s", compile_secs, _param_summary(abstract))
-
-    # --- loop
-    writer = writers.Writer(
-        workdir,
-        enabled=is_writer,
-        start_step=start,
-        total_steps=config.total_steps,
-        batch_size=config.batch_size,
-    )
-    meta = _metadata(config, mesh)
-    pending: dict[str, Any] | None = None  # step N's metrics, read after step N+1 is dispatched
-    clock = {"step": start, "time": time.perf_counter(), "paused": 0.0}
-    final: dict[str, float] = {}
-    first_row_extra = {"perf/compile_secs": compile_secs}
-    last = min(config.total_steps, stop_at_step or config.total_steps)
-    if start == 0:
-        writer.write_text("config", str(config))
-    done = start
-    for done in range(start + 1, last + 1):
-        state, metrics = train_step(state, data.next_train())
-        if pending is not None:
-            final.update(_flush(writer, pending, clock, config.batch_size))
-            pending = None
-        if done % config.log_every == 0 or done == last:
-            pending = {"step": done, "train": metrics, "extra": first_row_extra}
-            first_row_extra = {}
-        if _due(done, config.eval_every, config.total_steps):
-            jax.block_until_ready(state)  # queued train steps count as training time, not eval
-            t = time.perf_counter()
-            pending = pending or {"step": done, "train": None, "extra": {}}
-            pending["extra"] = dict(pending["extra"])
-            pending["extra"].update(evaluate(eval_step, state, data))
-            clock["paused"] += time.perf_counter() - t
-        if _due(done, config.checkpoint_every, config.total_steps) or done == last:
-            ckpt.save(done, state, data.train, {**meta, "step": done})
-    if pending is not None:
-        final.update(_flush(writer, pending, clock, config.batch_size))
-    if start >= last:  # nothing left to train: report the restored model
-        final = evaluate(eval_step, state, data)
-
-    # --- finish: the last checkpoint is committed before returning
-    ckpt.close()
-    writer.close()
-    if done < config.total_steps:
-        log.info("stopped at step %d of %d; run again to continue", done, config.total_steps)
-    return final
-
-
-def evaluate(eval_step, state, data: data_lib.Data) -> dict[str, float]:
-    sums = step_lib.zero_sums()
-    for batch in data.eval_batches():
-        sums = eval_step(state, batch, sums)
-    sums = jax.device_get(sums)
-    count = float(sums["count"])
-    return {
-        "eval/loss": float(sums["loss"]) / count,
-        "eval/accuracy": float(sums["correct"]) / count,
-        "eval/count": count,
-    }
-
-
-def _flush(writer: writers.Writer, pending: dict, clock: dict, batch_size: int) -> dict:
-    row = dict(pending["extra"])
-    if pending["train"] is not None:
-        row.update({k: float(v) for k, v in jax.device_get(pending["train"]).items()})
-        now = time.perf_counter()
-        elapsed = now - clock["time"] - clock["paused"]
-        steps = pending["step"] - clock["step"]
-        if elapsed > 0 and steps > 0:
-            row["perf/steps_per_sec"] = steps / elapsed
-            row["perf/examples_per_sec"] = steps * batch_size / elapsed
-        clock.update(step=pending["step"], time=now, paused=0.0)
-    writer.write(pending["step"], row)
-    return row
-
-
-def _due(step: int, every: int, total: int) -> bool:
-    return step == total or (every > 0 and step % every == 0)
+    secs = time.perf_counter() - t0
+    log.info("compiled the train step in %.1f s; %s", secs, _param_summary(abstract))
+    compiled.compile_secs = secs
+    return compiled, batch_sharding
 
 
 def _describe(create, tx):
@@ -193,27 +338,86 @@ def _describe(create, tx):
 def _state_shardings(abstract: dict, logical: dict, tx, mesh) -> dict:
     params = sharding.param_shardings(logical, abstract["params"], mesh)
     rep = sharding.replicated(mesh)
-    opt = _optimizer_shardings(tx, abstract["opt_state"], params, rep)
-    return {
-        "step": rep,
-        "params": params,
-        "model_state": jax.tree.map(lambda _: rep, abstract["model_state"]),
-        "opt_state": opt,
-    }
-
-
-def _optimizer_shardings(tx, abstract_opt, param_sharding, rep):
-    """Moments shaped like params are sharded like params; everything else is replicated."""
-    import optax
-
-    return optax.tree_map_params(
+    replicate = lambda tree: jax.tree.map(lambda _: rep, tree)
+    opt = optax.tree_map_params(
         tx,
-        lambda _, s: s,
-        abstract_opt,
-        param_sharding,
+        lambda _, s: s,  # moments shaped like params are sharded like params
+        abstract["opt_state"],
+        params,
         transform_non_params=lambda _: rep,
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
+    return {
+        "step": rep,
+        "params": params,
+        "model_state": replicate(abstract["model_state"]),
+        "opt_state": opt,
+        "guard": replicate(abstract["guard"]),
+    }
+
+
+def _check_compatible(ckpt: checkpoint.Checkpointer, config: ConfigDict) -> None:
+    """Stops when the workdir's checkpoints come from a different model or dataset."""
+    steps = ckpt.steps()
+    meta = next((m for m in map(ckpt.read_meta, reversed(steps)) if m), None) if steps else None
+    if not meta or "config" not in meta:
+        return
+    diffs = resilience.config_differences(meta["config"], config.to_dict())
+    bad = resilience.incompatible(diffs)
+    if bad:
+        lines = "\n  ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in bad)
+        raise config_lib.ConfigError(
+            f"the checkpoints in {ckpt.directory} were written by a different run:\n  {lines}\n"
+            "Use a new --workdir, or start a new run from them with "
+            "--config.init_from.path=OLD_WORKDIR (and init_from.parts / init_from.exclude)."
+        )
+    if diffs:
+        log.info("resuming with changed settings: %s", ", ".join(f"{k}={b!r}" for k, _, b in diffs))
+
+
+def _init_from(state: dict, cfg: ConfigDict, state_sharding: dict) -> dict:
+    """Copies the chosen parts of another run's latest checkpoint into a fresh state."""
+    path = pathlib.Path(cfg.path)
+    source = path / "ckpt" if (path / "ckpt").is_dir() else path
+    try:
+        saved = checkpoint.load_arrays(source)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"init_from.path={cfg.path!r}: {e}") from None
+    exclude = re.compile(cfg.exclude) if cfg.exclude else None
+    loaded = 0
+    for part in [p.strip() for p in cfg.parts.split(",") if p.strip()]:
+        flat_new = dict(jax.tree.leaves_with_path(state[part]))
+        flat_old = {_leaf_name(p): v for p, v in jax.tree.leaves_with_path(saved[part])}
+        replaced = {}
+        for path_, leaf in flat_new.items():
+            name = _leaf_name(path_)
+            if exclude is not None and exclude.search(name):
+                continue
+            if name not in flat_old:
+                raise config_lib.ConfigError(
+                    f"init_from: {part}/{name} is not in {source}; exclude it with "
+                    "--config.init_from.exclude=REGEX"
+                )
+            if flat_old[name].shape != leaf.shape:
+                raise config_lib.ConfigError(
+                    f"init_from: {part}/{name} has shape {flat_old[name].shape} in {source} but "
+                    f"{leaf.shape} here; exclude it with --config.init_from.exclude=REGEX"
+                )
+            replaced[path_] = flat_old[name].astype(leaf.dtype)
+            loaded += 1
+        state[part] = _replace_leaves(state[part], replaced)
+        state[part] = jax.device_put(state[part], state_sharding[part])
+    log.info("initialized %d arrays (%s) from %s", loaded, cfg.parts, source)
+    return state
+
+
+def _leaf_name(path) -> str:
+    """'hidden/0/kernel': the same name whether keys are ints (NNX) or strings (restored)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _replace_leaves(tree: Any, replaced: dict) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda p, x: replaced.get(p, x), tree)
 
 
 def _param_summary(abstract: dict) -> str:
@@ -223,15 +427,11 @@ def _param_summary(abstract: dict) -> str:
 
 def _metadata(config: ConfigDict, mesh) -> dict:
     versions = {}
-    for name in ("jax", "flax", "optax", "orbax-checkpoint", "grain"):
+    for name in ("bigtrain", "jax", "flax", "optax", "orbax-checkpoint", "grain"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    try:
-        versions["bigtrain"] = importlib.metadata.version("bigtrain")
-    except importlib.metadata.PackageNotFoundError:
-        versions["bigtrain"] = None
     return {
         "config": config.to_dict(),
         "versions": versions,
