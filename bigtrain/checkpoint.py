@@ -237,14 +237,20 @@ def load_arrays(directory: str | pathlib.Path, step: int | None = None) -> dict:
 
     For analysis and tests: compare runs, inspect parameters in a notebook.
     """
-    manager = ocp.CheckpointManager(pathlib.Path(directory).absolute())
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    meta = manager.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )
-    manager.close()
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # Orbax warns about the items we do not ask for
+    try:
+        manager = ocp.CheckpointManager(pathlib.Path(directory).absolute())
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        meta = manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        manager.close()
+    finally:
+        absl_log.setLevel(level)
     return jax.tree.map(np.asarray, restored["state"])

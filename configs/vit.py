@@ -3,7 +3,9 @@
     python -m bigtrain.main --config configs/vit.py:size=Ti,patch=8 --workdir runs/vit-ti
 
 Variants: size=Ti|S|B, patch=N, image=N (side), steps=N.
-Measured: TBD
+Measured on a 2-core x86_64 CPU VM (shared with other jobs), jax 0.10.2, 2026-12-03:
+  ViT-Ti/8 (5.4M params, 17 tokens), 200 steps at batch 64: 100% test accuracy on the synthetic
+  templates (eval loss 0.095); ~1.0 steps/s (66 examples/s); 224 s wall, 12 s of it compile.
 """
 
 from bigtrain.config import base, parse_arg

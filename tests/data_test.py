@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 
 from bigtrain.config import base
-from bigtrain.data import pipeline, sources
+from bigtrain.data import ops, pipeline, sources
 from bigtrain.data.pipeline import Standardizer
+
+IDENTITY = ops.Chain("", ops.Env(np.zeros(2, np.float32), np.ones(2, np.float32), 5, 2))
 
 
 def _dataset(n=50, shape=(6, 2)):
@@ -15,8 +17,8 @@ def _dataset(n=50, shape=(6, 2)):
 
 def _train(ds, seed=0, batch=8, p=0, count=1):
     return pipeline.train_dataset(
-        ds,
-        Standardizer.identity(2),
+        pipeline.ArrayReader(ds.x_train, ds.y_train),
+        IDENTITY,
         seed=seed,
         global_batch=batch,
         process_index=p,
@@ -88,7 +90,11 @@ def test_eval_sees_every_example_exactly_once(processes):
     seen = []
     for p in range(processes):
         evald = pipeline.eval_dataset(
-            ds, Standardizer.identity(2), global_batch=8, process_index=p, process_count=processes
+            pipeline.ArrayReader(ds.x_test, ds.y_test),
+            IDENTITY,
+            global_batch=8,
+            process_index=p,
+            process_count=processes,
         )
         for batch in evald:
             assert batch["x"].shape[0] == 8 // processes

@@ -1,4 +1,4 @@
-"""Input: built-in datasets -> per-process grain pipelines -> global, sharded jax.Arrays."""
+"""Input: datasets -> per-process grain pipelines with preprocessing ops -> global jax.Arrays."""
 
 from __future__ import annotations
 
@@ -11,43 +11,99 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from bigtrain import sharding
-from bigtrain.data import pipeline, sources
+from bigtrain.data import ops, pipeline, sources
 from bigtrain.data.pipeline import Standardizer
+from bigtrain.data.records import DataError
+
+__all__ = ["Data", "DataError", "Standardizer", "build", "to_global"]
 
 
 @dataclasses.dataclass
 class Data:
-    train: Iterator[pipeline.Batch]  # checkpointable: get_state / set_state
+    train: pipeline.SkipCounter  # checkpointable: get_state / set_state
     eval_dataset: object  # grain.MapDataset of local eval batches
     num_classes: int
     input_shape: tuple[int, ...]
     num_train: int
     num_test: int
     mesh: Mesh
+    workers: int = 0
+
+    @property
+    def skipped_records(self) -> int:
+        """Train records skipped so far as unreadable (this process; survives a resume)."""
+        return self.train.skipped
 
     def next_train(self) -> dict[str, jax.Array]:
         return to_global(next(self.train), self.mesh)
 
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
         for batch in self.eval_dataset:
+            batch.pop("skipped", None)
             yield to_global(batch, self.mesh)
 
 
 def build(config: ConfigDict, mesh: Mesh) -> Data:
-    ds = sources.load(config.data)
-    channels = ds.input_shape[-1]
-    stats = (
-        Standardizer.fit(ds.x_train)
-        if config.data.standardize
-        else (Standardizer.identity(channels))
-    )
+    dc = config.data
+    ds = sources.load(dc)
+    stats = ds.statistics() if dc.standardize else Standardizer.identity(ds.channels)
+    env = ops.Env(stats.mean, stats.std, ds.num_classes, ds.channels)
+    default = "decode|standardize"
+    if None in ds.input_shape and "resize" not in (dc.pp + dc.pp_eval):
+        raise DataError(
+            f"the images in {dc.path} vary in size; add resize(H, W) to data.pp and data.pp_eval, "
+            "e.g. decode|resize(32)|standardize"
+        )
+    train_ops = ops.Chain(dc.pp or default, env)
+    eval_ops = ops.Chain(dc.pp_eval or default, env)
+    train_reader, test_reader = ds.readers()
+    if not len(test_reader):
+        raise DataError(
+            f"{dc.path} has no val records to evaluate on; convert again with --val-fraction > 0 "
+            "or from a source with a val split"
+        )
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train = pipeline.train_dataset(
-        ds, stats, seed=config.seed, global_batch=config.batch_size, **where
+        train_reader,
+        train_ops,
+        seed=config.seed,
+        global_batch=config.batch_size,
+        strict=dc.strict,
+        **where,
     )
-    test = pipeline.eval_dataset(ds, stats, global_batch=config.eval_batch_size, **where)
-    it = pipeline.iterate(train, threads=config.data.read_threads, prefetch=config.data.prefetch)
-    return Data(it, test, ds.num_classes, ds.input_shape, len(ds.x_train), len(ds.x_test), mesh)
+    test = pipeline.eval_dataset(
+        test_reader, eval_ops, global_batch=config.eval_batch_size, strict=dc.strict, **where
+    )
+    input_shape = _check_shapes(train[0], test[0], dc)
+    workers = pipeline.auto_workers(dc.workers)
+    it = pipeline.iterate(train, threads=dc.read_threads, prefetch=dc.prefetch, workers=workers)
+    return Data(
+        it,
+        test,
+        ds.num_classes,
+        input_shape,
+        len(train_reader),
+        len(test_reader),
+        mesh,
+        workers,
+    )
+
+
+def _check_shapes(train: dict, test: dict, dc: ConfigDict) -> tuple[int, ...]:
+    """The model's input shape, from the first batch; train and eval ops must agree on it."""
+    if train["y"].ndim != 1:
+        raise DataError(
+            f"data.pp={dc.pp!r} makes soft labels {train['y'].shape[1:]} (onehot/mixup/cutmix); "
+            "the losses in bigtrain/losses.py take integer labels, so soft-label training is "
+            "not supported yet"
+        )
+    shape, eval_shape = train["x"].shape[1:], test["x"].shape[1:]
+    if shape != eval_shape:
+        raise DataError(
+            f"data.pp gives inputs of shape {shape} but data.pp_eval gives {eval_shape}; "
+            "make them agree, e.g. random_crop(32) for training and center_crop(32) for eval"
+        )
+    return tuple(int(d) for d in shape)
 
 
 def to_global(batch: pipeline.Batch, mesh: Mesh) -> dict[str, jax.Array]:

@@ -1,7 +1,9 @@
-"""Built-in offline datasets with fixed train/test splits. No downloads."""
+"""Datasets: built-in offline ones with fixed train/test splits (no downloads), and converted
+ArrayRecord shards (`arrayrecord`, see `convert.py`) read in batches from disk."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import os
@@ -9,6 +11,10 @@ import pathlib
 
 import numpy as np
 from ml_collections import ConfigDict
+
+from bigtrain.data import records
+from bigtrain.data.pipeline import ArrayReader, Standardizer
+from bigtrain.data.records import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +30,16 @@ class ArrayDataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def readers(self) -> tuple[ArrayReader, ArrayReader]:
+        return ArrayReader(self.x_train, self.y_train), ArrayReader(self.x_test, self.y_test)
+
+    def statistics(self) -> Standardizer:
+        return Standardizer.fit(self.x_train)
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[-1]
 
 
 def _cache_dir() -> pathlib.Path:
@@ -101,18 +117,102 @@ def synthetic(cfg: ConfigDict) -> ArrayDataset:
     return ArrayDataset(x[:n], y[:n], x[n:], y[n:], num_classes=k)
 
 
+class RecordReader:
+    """Batched random access to one split's shards; decodes a batch with one `np.frombuffer`."""
+
+    def __init__(self, root: pathlib.Path, split: dict, layout: records.Layout, limit: int = 0):
+        self.paths = [str(root / s["file"]) for s in split["shards"]]
+        self.starts = np.cumsum([0] + [s["records"] for s in split["shards"]]).tolist()
+        self.layout = layout
+        self.size = min(limit, self.starts[-1]) if limit else self.starts[-1]
+        self._source = None  # opened lazily, in each worker process
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_source": None}
+
+    def read(self, idx: np.ndarray) -> tuple[dict, dict[int, str]]:
+        if self._source is None:
+            import grain
+
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        batch, bad = self.layout.decode(self._source.__getitems__(idx.tolist()))
+        return {"x": batch["x"], "y": batch["y"]}, bad  # segmentation is not trained on yet
+
+    def describe(self, index: int) -> str:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        return f"{self.paths[shard]} record {index - self.starts[shard]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordDataset:
+    """A converted dataset: `train` and `val` shards and the manifest's statistics."""
+
+    root: pathlib.Path
+    manifest: dict
+    num_train: int = 0  # 0 = every train record
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"] or 0)
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return tuple(self.manifest["features"]["x"]["shape"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.input_shape[-1] or 1)
+
+    def readers(self) -> tuple[RecordReader, RecordReader]:
+        layout = records.Layout(self.manifest["features"])
+        splits = self.manifest["splits"]
+        return (
+            RecordReader(self.root, splits["train"], layout, self.num_train),
+            RecordReader(self.root, splits["val"], layout),
+        )
+
+    def statistics(self) -> Standardizer:
+        stats = self.manifest["stats"]
+        return Standardizer.from_moments(stats["mean"], stats["std"])
+
+
+def arrayrecord(cfg: ConfigDict) -> RecordDataset:
+    """Shards written by `python -m bigtrain.data.convert SRC DST`, with `data.path = DST`."""
+    if not cfg.path:
+        raise DataError("data.name='arrayrecord' needs data.path: the convert command's DST")
+    root = pathlib.Path(cfg.path)
+    manifest = records.read_manifest(root)
+    features = manifest["features"]
+    if "y" not in features:
+        raise DataError(
+            f"{root} has no class labels 'y' (it holds {sorted(features)}); training on "
+            "segmentation masks alone is not supported yet"
+        )
+    if not manifest["splits"]["train"]["records"]:
+        raise DataError(f"{root} has no train records; see {root / records.REPORT}")
+    return RecordDataset(root, manifest, cfg.num_train)
+
+
 DATASETS = {
     "mnist1d": mnist1d,
     "digits": digits,
     "breast_cancer": breast_cancer,
     "synthetic": synthetic,
+    "arrayrecord": arrayrecord,
 }
 
 
-def load(cfg: ConfigDict) -> ArrayDataset:
+def load(cfg: ConfigDict) -> ArrayDataset | RecordDataset:
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
     ds = DATASETS[cfg.name](cfg)
+    if isinstance(ds, RecordDataset):
+        if cfg.permute_positions:
+            raise DataError("data.permute_positions works on built-in datasets, not arrayrecord")
+        return ds
     if cfg.num_train:
         ds = dataclasses.replace(
             ds, x_train=ds.x_train[: cfg.num_train], y_train=ds.y_train[: cfg.num_train]

@@ -36,4 +36,4 @@ def test_readme_main_command_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 300 and rows[-1]["eval/accuracy"] > 0.6
-    assert "done: eval/accuracy=" in proc.stdout
+    assert re.search(r"^done: .*eval/accuracy=", proc.stdout, flags=re.M)
