@@ -241,7 +241,12 @@ def load_arrays(directory: str | pathlib.Path, step: int | None = None) -> dict:
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # Orbax warns about the items we do not ask for
     try:
-        manager = ocp.CheckpointManager(pathlib.Path(directory).absolute())
+        # Naming the handler gives item_metadata without a saved sharding: a checkpoint
+        # written by several processes (devices this process does not have) reads here too.
+        manager = ocp.CheckpointManager(
+            pathlib.Path(directory).absolute(),
+            item_handlers={"state": ocp.StandardCheckpointHandler()},
+        )
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -68,6 +68,7 @@ def base() -> ConfigDict:
     c.model.variant = ""  # resnet: resnet18|resnet50|cifar; vit: Ti|S|B
     c.model.patch_size = 16
     c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.remat = "none"  # none | full | dots_saveable: recompute activations per block
 
     c.loss = ConfigDict()
     c.loss.name = "softmax_xent"
@@ -84,10 +85,27 @@ def base() -> ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.clip_norm = 1.0  # global norm; 0 = off
+    c.optim.accum_steps = 1  # gradient accumulation: microbatches per step (lax.scan)
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1 = all devices left over
     c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # multi-slice TPU: how much of `data` spans slices (the rest in-slice)
+    c.mesh.dcn_fsdp = 1
+    # Logical parameter axis (named by the models) -> mesh axis; big unnamed params go on fsdp.
+    c.mesh.rules = (
+        "embed=fsdp",
+        "conv_out=fsdp",
+        "input=fsdp",
+        "mlp=tensor",
+        "heads=tensor",
+        "classes=none",
+        "kv=none",
+        "conv_in=none",
+        "pos=none",
+    )
+    c.peak_flops_per_device = 0.0  # for perf/mfu; 0 = the device table, or measured on CPU
     c.lock()
     return c
 
@@ -196,7 +214,16 @@ def validate(config: ConfigDict) -> None:
     for key, ok, valid in _rules():
         if not ok(_get(config, key)):
             raise ConfigError(f"{key}={_get(config, key)!r} is invalid; valid: {valid}")
-    sizes = [config.mesh.data, config.mesh.fsdp]
+    if config.model.remat != "none":
+        from bigtrain import models
+
+        takes = sorted(n for n in models.MODELS if models.accepts(n, "remat"))
+        if not models.accepts(config.model.name, "remat"):
+            raise ConfigError(
+                f"model.remat={config.model.remat!r} but model {config.model.name!r} has no "
+                f"blocks to rematerialize; models that take it: {takes} (or model.remat='none')"
+            )
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     if sizes.count(-1) > 1:
         raise ConfigError(f"mesh sizes {sizes}: at most one axis may be -1 (filled from devices)")
 
@@ -261,8 +288,22 @@ def _rules() -> list[tuple[str, Any, str]]:
         "optim.clip_norm": non_negative,
         "mesh.data": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
         "mesh.fsdp": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+        "mesh.tensor": (lambda v: v == -1 or v >= 1, "-1 or >= 1"),
+        "mesh.dcn_data": positive,
+        "mesh.dcn_fsdp": positive,
+        "mesh.rules": (_valid_rules, "entries like 'embed=fsdp' (axes data, fsdp, tensor, none)"),
+        "peak_flops_per_device": non_negative,
+        "model.remat": one_of({"none", "full", "dots_saveable"}),
+        "optim.accum_steps": positive,
     }
     return [(key, check, valid) for key, (check, valid) in table.items()]
+
+
+def _valid_rules(rules: tuple) -> bool:
+    from bigtrain import sharding
+
+    sharding.parse_rules(rules)  # raises ConfigError naming the bad entry
+    return True
 
 
 def _valid_ops(spec: str) -> bool:

@@ -6,6 +6,7 @@ User errors (bad config, bad flags) print one message and exit with status 2, no
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,11 +18,20 @@ USAGE = "python -m bigtrain.main --config configs/x.py[:arg] --workdir DIR [--co
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="bigtrain.main", usage=USAGE)
     parser.add_argument("--config", required=True, help="config file, optionally with :variant")
-    parser.add_argument("--workdir", required=True, help="checkpoints and logs; resumes if present")
-    parser.add_argument("--coordinator", help="multi-host: coordinator address host:port")
+    parser.add_argument("--workdir", help="checkpoints and logs; resumes if present")
+    parser.add_argument(
+        "--compile_only",
+        action="store_true",
+        help="compile the step for the configured mesh, print memory and FLOPs, do not train",
+    )
+    parser.add_argument(
+        "--coordinator", help="multi-host: coordinator host:port (else SLURM/TPU env, else one)"
+    )
     parser.add_argument("--num_processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process_id", type=int, help="multi-host: this process's index")
     args, rest = parser.parse_known_args(argv)
+    if not args.workdir and not args.compile_only:
+        parser.error("--workdir is required (checkpoints and logs go there)")
     overrides = []
     for item in rest:
         if not item.startswith("--config."):
@@ -78,13 +88,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    import jax
+    from bigtrain import distributed
 
-    if args.coordinator or args.num_processes:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        where = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except distributed.DistributedError as e:
+        print(f"distributed error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("bigtrain").info("%s", where)
 
     from bigtrain import resilience, train
 
+    if args.compile_only:
+        try:
+            stats = train.compile_only(config)
+        except config_lib.ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(stats, indent=2))
+        return 0
     try:
         metrics = train.run(config, args.workdir)
     except config_lib.ConfigError as e:

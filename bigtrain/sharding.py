@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -13,43 +14,54 @@ from ml_collections import ConfigDict
 
 from bigtrain.config import ConfigError
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every data-parallel axis
+FSDP_MIN_SIZE = 2**14  # parameters at least this big are sharded over fsdp even without a rule
 
-# Logical parameter axis (named by the models) -> mesh axis. Unlisted names are replicated.
-# A dimension that does not divide evenly over its mesh axis stays replicated.
-LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
-    ("embed", "fsdp"),
-    ("conv_out", "fsdp"),
-    ("input", "fsdp"),
-    ("mlp", None),
-    ("heads", None),
-    ("kv", None),
-    ("classes", None),
-    ("conv_in", None),
-    ("pos", None),
-)
+
+def parse_rules(rules: Sequence[str]) -> dict[str, str | None]:
+    """("embed=fsdp", "mlp=tensor", "classes=none") -> {"embed": "fsdp", ...}."""
+    out = {}
+    for rule in rules:
+        name, eq, axis = rule.partition("=")
+        axis = axis.strip()
+        if not eq or axis.lower() not in {*MESH_AXES, "none"}:
+            raise ConfigError(
+                f"mesh.rules entry {rule!r} must look like logical=AXIS with AXIS one of "
+                f"{', '.join(MESH_AXES)} or none"
+            )
+        out[name.strip()] = None if axis.lower() == "none" else axis
+    return out
+
+
+@functools.cache
+def default_rules() -> dict[str, str | None]:
+    from bigtrain.config import base
+
+    return parse_rules(base().mesh.rules)
 
 
 def mesh_shape(cfg: ConfigDict, num_devices: int) -> tuple[int, ...]:
     sizes = [cfg[axis] for axis in MESH_AXES]
+    named = dict(zip(MESH_AXES, sizes, strict=True))
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
             raise ConfigError(
-                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: {num_devices} devices are not "
-                f"divisible by {known}; choose sizes whose product divides {num_devices}"
+                f"mesh {named}: {num_devices} devices are not divisible by {known}; choose sizes "
+                f"whose product divides {num_devices}"
             )
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) > num_devices:
         raise ConfigError(
-            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices "
-            f"but {num_devices} are available; set one size to -1 to fill from the device count"
+            f"mesh {named} needs {int(np.prod(sizes))} devices but {num_devices} are available; "
+            "set one size to -1 to fill from the device count"
         )
     return tuple(sizes)
 
 
 def make_mesh(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; `dcn_data`/`dcn_fsdp` > 1 split those axes across slices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
     used = int(np.prod(shape))
@@ -60,9 +72,38 @@ def make_mesh(cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> M
                 "multi-process runs must use all of them"
             )
         logging.warning("mesh %s uses %d of %d devices", shape, used, len(devices))
+    if devices[0].platform == "cpu" and shape[1] > 1 and shape[2] > 1:
+        logging.warning(
+            "mesh %s: XLA's CPU backend (jax 0.10.2) computes wrong gradients for some models "
+            "when fsdp and tensor are both > 1 (an MLP on 2x2x2, a 1D CNN on 1x2x4; ViT is "
+            "right). tests/sharding_test.py reproduces it in plain JAX. Prefer fsdp or tensor "
+            "alone on CPU",
+            shape,
+        )
+    dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1)
+    if dcn != (1, 1, 1):
+        return _hybrid_mesh(shape, dcn, devices)
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices[:used]
     )
+
+
+def _hybrid_mesh(shape, dcn, devices) -> Mesh:
+    """Multi-slice TPU: `dcn` divides the axes across slices (slow links), the rest within."""
+    from jax.experimental import mesh_utils
+
+    for axis, size, across in zip(MESH_AXES, shape, dcn, strict=True):
+        if size % across:
+            raise ConfigError(f"mesh.{axis}={size} is not divisible by its dcn size {across}")
+    ici = tuple(size // across for size, across in zip(shape, dcn, strict=True))
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    except (ValueError, AttributeError, KeyError) as e:
+        raise ConfigError(
+            f"cannot build a multi-slice mesh (in-slice {ici}, across slices {dcn}) from these "
+            f"devices: {e}. dcn_* sizes > 1 need TPU slices (devices with slice_index)."
+        ) from None
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -87,26 +128,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """Maps one parameter's logical axis names to a PartitionSpec over `mesh`."""
-    rules = dict(LOGICAL_RULES)
+def logical_to_mesh(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: dict[str, str | None] | None = None,
+) -> P:
+    """One parameter's PartitionSpec: its logical names through `rules`, then FSDP by size.
+
+    A dimension whose size does not divide its mesh axis stays replicated. A parameter of at
+    least FSDP_MIN_SIZE elements that no rule put on `fsdp` is sharded over fsdp along its
+    largest divisible dimension, so FSDP covers every big tensor, whatever its names.
+    """
+    rules = default_rules() if rules is None else rules
     names = tuple(names) or (None,) * len(shape)  # an unannotated parameter is replicated
     used, spec = set(), []
     for name, dim in zip(names, shape, strict=True):
         axis = rules.get(name) if name is not None else None
-        if axis is None or axis in used or axis not in mesh.shape or dim % mesh.shape[axis]:
+        size = mesh.shape.get(axis, 1) if axis is not None else 1
+        if axis is None or axis in used or size == 1 or dim % size:
             spec.append(None)
             continue
         used.add(axis)
-        spec.append(axis if mesh.shape[axis] > 1 else None)
+        spec.append(axis)
+    fsdp = mesh.shape.get("fsdp", 1)
+    if fsdp > 1 and "fsdp" not in used and int(np.prod(shape)) >= FSDP_MIN_SIZE:
+        free = [i for i, d in enumerate(shape) if spec[i] is None and d % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda i: shape[i])] = "fsdp"
     return P(*spec)
 
 
-def param_shardings(logical: dict, abstract: dict, mesh: Mesh) -> dict:
+def param_shardings(
+    logical: dict, abstract: dict, mesh: Mesh, rules: dict[str, str | None] | None = None
+) -> dict:
     """Shardings for a params tree from the tree of logical PartitionSpecs the models carry."""
     is_spec = lambda x: isinstance(x, P)
     return jax.tree.map(
-        lambda names, a: NamedSharding(mesh, logical_to_mesh(tuple(names), a.shape, mesh)),
+        lambda names, a: NamedSharding(mesh, logical_to_mesh(tuple(names), a.shape, mesh, rules)),
         logical,
         abstract,
         is_leaf=is_spec,

@@ -71,24 +71,55 @@ def make_train_step(
     loss_name: str,
     label_smoothing: float,
     seed: int,
+    accum_steps: int = 1,
 ):
     loss_fn = losses.get(loss_name)
     base_key = jax.random.key(seed)
 
+    def microbatch(params, model_state, x, y, rng):
+        """Summed loss, correct count, new model state and gradients of the summed loss."""
+
+        def objective(p):
+            logits, new_state = model.apply(p, model_state, x, train=True, rng=rng)
+            logits = logits.astype(jnp.float32)
+            correct = jnp.sum(jnp.argmax(logits, -1) == y)
+            return loss_fn(logits, y, label_smoothing).sum(), (new_state, correct)
+
+        (loss_sum, (new_state, correct)), grads = jax.value_and_grad(objective, has_aux=True)(
+            params
+        )
+        return loss_sum, correct, new_state, grads
+
+    def accumulate(params, model_state, x, y, rng):
+        """Sums over `accum_steps` microbatches with lax.scan; microbatch a takes rows a::A, so
+        each device keeps its own rows and the sums do not depend on how the batch is split."""
+        a = accum_steps
+        split = lambda t: t.reshape(t.shape[0] // a, a, *t.shape[1:]).swapaxes(0, 1)
+
+        def body(carry, inputs):
+            grads, loss_sum, correct, state = carry
+            x_a, y_a, i = inputs
+            ls, c, state, g = microbatch(params, state, x_a, y_a, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + ls, correct + c, state), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), model_state)
+        (grads, loss_sum, correct, state), _ = jax.lax.scan(
+            body, init, (split(x), split(y), jnp.arange(a))
+        )
+        return loss_sum, correct, state, grads
+
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         rng = jax.random.fold_in(base_key, state["step"])  # a pure function of the step
-
-        def objective(params):
-            logits, model_state = model.apply(
-                params, state["model_state"], batch["x"], train=True, rng=rng
-            )
-            logits = logits.astype(jnp.float32)
-            loss = loss_fn(logits, batch["y"], label_smoothing).mean()
-            return loss, (logits, model_state)
-
-        (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state["params"]
+        x, y = batch["x"], batch["y"]
+        n = x.shape[0]  # the true example count: every row of a train batch is real
+        run = microbatch if accum_steps == 1 else accumulate
+        loss_sum, correct, model_state, grad_sums = run(
+            state["params"], state["model_state"], x, y, rng
         )
+        grads = jax.tree.map(lambda g: g / n, grad_sums)
+        loss, accuracy = loss_sum / n, correct / n
+
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
@@ -100,7 +131,7 @@ def make_train_step(
         guard = _update_guard(state["guard"], finite, state["step"] + 1, loss, grad_norm)
         metrics = {
             "train/loss": loss,
-            "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
+            "train/accuracy": accuracy,
             "train/grad_norm": grad_norm,
             "train/learning_rate": lr(state["step"]),
             "train/nonfinite_steps": guard["skipped"],

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import pathlib
 import re
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -37,29 +39,10 @@ def run(
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     is_writer = jax.process_index() == 0
-
-    # --- mesh and data
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch(config.batch_size, mesh)
-    sharding.check_batch(config.eval_batch_size, mesh, key="eval_batch_size")
-    data = data_lib.build(config, mesh)
-
-    # --- model, optimizer, shardings
-    tx, lr = optim.build(config.optim, config.total_steps)
-
-    def create() -> nnx.Module:
-        return models.build(
-            config.model,
-            input_shape=data.input_shape,
-            num_classes=data.num_classes,
-            rngs=nnx.Rngs(config.seed),
-        )
-
-    model, logical, abstract = _describe(create, tx)
-    state_sharding = _state_shardings(abstract, logical, tx, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-    )
+    # --- mesh, data, model, optimizer, shardings
+    setup = _setup(config)
+    mesh, data, tx, create = setup.mesh, setup.data, setup.tx, setup.create
+    model, abstract, state_sharding = setup.model, setup.abstract, setup.state_sharding
 
     # --- restore, or init (optionally from another run's checkpoint)
     ckpt = checkpoint.Checkpointer(
@@ -81,9 +64,7 @@ def run(
             state = _init_from(state, config.init_from, state_sharding)
 
     # --- compile (ahead of time: errors and memory use show before step 0)
-    train_step, batch_sharding = _compile_train_step(
-        config, model, tx, lr, state_sharding, abstract, data, mesh
-    )
+    train_step, stats = _compile_train_step(config, setup)
     eval_step = jax.jit(
         step_lib.make_eval_step(model, loss_name=config.loss.name), donate_argnums=2
     )
@@ -99,10 +80,10 @@ def run(
     meta = _metadata(config, mesh)
     preemption = resilience.Preemption()
     watchdog = resilience.Watchdog(config.watchdog_secs, workdir / "watchdog_stacks.txt")
-    clock = _Clock(start)
+    clock = _Clock(start, stats.get("perf/flops_per_step_per_device", 0.0), _peak_flops(config))
     pending: dict[str, Any] | None = None  # step N's metrics, read after step N+1 is dispatched
     final: dict[str, float] = {}
-    extra: dict[str, float] = {"perf/compile_secs": train_step.compile_secs}
+    extra: dict[str, float] = dict(stats)
     last = min(config.total_steps, stop_at_step or config.total_steps)
     last_save = time.monotonic()
     preempted = False
@@ -191,8 +172,9 @@ def evaluate(eval_step, state, data: data_lib.Data, watchdog=None) -> dict[str, 
 class _Clock:
     """Throughput and input-wait bookkeeping between two logged steps."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, flops_per_step: float = 0.0, peak: float = 0.0) -> None:
         self.step, self.time = step, time.perf_counter()
+        self.flops_per_step, self.peak = flops_per_step, peak
         self.paused = 0.0  # eval time, excluded from throughput
         self.data_wait = 0.0  # time the loop waited for the next batch
         self.warned_input_bound = False
@@ -209,6 +191,8 @@ def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict, data) -> di
             row["perf/steps_per_sec"] = steps / elapsed
             row["perf/examples_per_sec"] = steps * config.batch_size / elapsed
             row["perf/data_wait_frac"] = min(clock.data_wait / elapsed, 1.0)
+            if clock.flops_per_step and clock.peak:
+                row["perf/mfu"] = clock.flops_per_step * steps / elapsed / clock.peak
             _warn_if_input_bound(row["perf/data_wait_frac"], clock, config)
         clock.step, clock.time, clock.paused, clock.data_wait = pending["step"], now, 0.0, 0.0
     skipped = getattr(data, "skipped_records", None)
@@ -289,7 +273,49 @@ def _minutes_passed(since: float, minutes: float, step: int) -> bool:
     return passed
 
 
-def _compile_train_step(config, model, tx, lr, state_sharding, abstract, data, mesh):
+def _setup(config: ConfigDict) -> SimpleNamespace:
+    """Everything a run or an ahead-of-time compile needs, before any array is allocated."""
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, mesh)
+    sharding.check_batch(config.eval_batch_size, mesh, key="eval_batch_size")
+    per_device = config.batch_size // sharding.data_parallel_size(mesh)
+    if per_device % config.optim.accum_steps:
+        raise config_lib.ConfigError(
+            f"optim.accum_steps={config.optim.accum_steps} must divide the per-device batch "
+            f"{per_device} (batch_size {config.batch_size} over {dict(mesh.shape)})"
+        )
+    data = data_lib.build(config, mesh)
+    tx, lr = optim.build(config.optim, config.total_steps)
+
+    def create() -> nnx.Module:
+        return models.build(
+            config.model,
+            input_shape=data.input_shape,
+            num_classes=data.num_classes,
+            rngs=nnx.Rngs(config.seed),
+        )
+
+    model, logical, abstract = _describe(create, tx)
+    rules = sharding.parse_rules(config.mesh.rules)
+    state_sharding = _state_shardings(abstract, logical, tx, mesh, rules)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+    )
+    return SimpleNamespace(
+        mesh=mesh,
+        data=data,
+        tx=tx,
+        lr=lr,
+        create=create,
+        model=model,
+        abstract=abstract,
+        state_sharding=state_sharding,
+    )
+
+
+def _compile_train_step(config: ConfigDict, setup: SimpleNamespace):
+    """Compiles the step for the configured mesh; returns it and its memory/FLOP figures."""
+    mesh, data = setup.mesh, setup.data
     batch_sharding = {
         "x": sharding.batch_sharding(mesh, 1 + len(data.input_shape)),
         "y": sharding.batch_sharding(mesh, 1),
@@ -301,28 +327,125 @@ def _compile_train_step(config, model, tx, lr, state_sharding, abstract, data, m
         "y": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=batch_sharding["y"]),
     }
     t0 = time.perf_counter()
-    step_fn = step_lib.make_train_step(
-        model,
-        tx,
-        lr,
-        loss_name=config.loss.name,
-        label_smoothing=config.loss.label_smoothing,
-        seed=config.seed,
-    )
-    compiled = (
-        jax.jit(
-            step_fn,
-            in_shardings=(state_sharding, batch_sharding),
-            out_shardings=(state_sharding, sharding.replicated(mesh)),
-            donate_argnums=0,
+
+    def lower(accum_steps: int):
+        step_fn = step_lib.make_train_step(
+            setup.model,
+            setup.tx,
+            setup.lr,
+            loss_name=config.loss.name,
+            label_smoothing=config.loss.label_smoothing,
+            seed=config.seed,
+            accum_steps=accum_steps,
         )
-        .lower(abstract, batch_spec)
-        .compile()
+        return jax.jit(
+            step_fn,
+            in_shardings=(setup.state_sharding, batch_sharding),
+            out_shardings=(setup.state_sharding, sharding.replicated(mesh)),
+            donate_argnums=0,
+        ).lower(setup.abstract, batch_spec)
+
+    compiled = lower(config.optim.accum_steps).compile()
+    stats = {"perf/compile_secs": time.perf_counter() - t0, **_program_stats(compiled, setup)}
+    if config.optim.accum_steps > 1:
+        # XLA's cost analysis counts a scan's body once: take the FLOPs of the same step
+        # without accumulation (lowered, not compiled; the global program over the devices).
+        cost = lower(1).cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        if cost and "flops" in cost:
+            stats["perf/flops_per_step_per_device"] = float(cost["flops"]) / mesh.devices.size
+    log.info(
+        "compiled the train step in %.1f s; %s; per device: params+optimizer %s, step "
+        "temporaries %s, %.3g FLOPs/step",
+        stats["perf/compile_secs"],
+        _param_summary(setup.abstract),
+        _mib(stats["memory/state_bytes_per_device"]),
+        _mib(stats.get("memory/temp_bytes_per_device", 0)),
+        stats.get("perf/flops_per_step_per_device", 0),
     )
-    secs = time.perf_counter() - t0
-    log.info("compiled the train step in %.1f s; %s", secs, _param_summary(abstract))
-    compiled.compile_secs = secs
-    return compiled, batch_sharding
+    return compiled, stats
+
+
+def _program_stats(compiled, setup) -> dict[str, float]:
+    """Per-device state bytes (from the shardings) and what XLA reports for the program."""
+    state_bytes = sum(
+        int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+        for a in jax.tree.leaves(setup.abstract)
+    )
+    stats = {"memory/state_bytes_per_device": float(state_bytes)}
+    try:
+        mem = compiled.memory_analysis()
+        stats["memory/argument_bytes_per_device"] = float(mem.argument_size_in_bytes)
+        stats["memory/temp_bytes_per_device"] = float(mem.temp_size_in_bytes)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        pass
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        stats["perf/flops_per_step_per_device"] = float(cost.get("flops", 0.0))
+    except (AttributeError, NotImplementedError, RuntimeError):
+        pass
+    return stats
+
+
+def compile_only(config: ConfigDict) -> dict[str, float]:
+    """Compiles the train step for the configured mesh and reports memory and FLOPs; no training."""
+    config_lib.validate(config)
+    setup = _setup(config)
+    _, stats = _compile_train_step(config, setup)
+    stats["mesh"] = dict(setup.mesh.shape)
+    stats["devices"] = setup.mesh.devices.size
+    stats["parameters"] = sum(
+        int(np.prod(a.shape)) for a in jax.tree.leaves(setup.abstract["params"])
+    )
+    return stats
+
+
+# Dense bf16 peak FLOP/s per chip (vendor figures). CPU: measured at start-up.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def _peak_flops(config: ConfigDict) -> float:
+    if config.peak_flops_per_device:
+        return config.peak_flops_per_device
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    if device.platform == "cpu":
+        return measured_cpu_peak()
+    log.warning("no peak FLOP/s known for %r; set peak_flops_per_device for perf/mfu", kind)
+    return 0.0
+
+
+@functools.cache
+def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 n×n matmul on one device, best of `repeats`."""
+    a = jax.device_put(np.ones((n, n), np.float32), jax.devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _describe(create, tx):
@@ -335,8 +458,8 @@ def _describe(create, tx):
     return model, logical, abstract
 
 
-def _state_shardings(abstract: dict, logical: dict, tx, mesh) -> dict:
-    params = sharding.param_shardings(logical, abstract["params"], mesh)
+def _state_shardings(abstract: dict, logical: dict, tx, mesh, rules=None) -> dict:
+    params = sharding.param_shardings(logical, abstract["params"], mesh, rules)
     rep = sharding.replicated(mesh)
     replicate = lambda tree: jax.tree.map(lambda _: rep, tree)
     opt = optax.tree_map_params(

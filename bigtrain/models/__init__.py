@@ -31,6 +31,14 @@ def _input_rank(name: str) -> int | None:
     return getattr(MODELS[name], "input_rank", None)
 
 
+def accepts(name: str, argument: str) -> bool:
+    """Whether model `name`'s constructor takes `argument` (config keys it doesn't are ignored)."""
+    model_cls = MODELS[name]
+    # nnx's metaclass hides a class's own signature behind `(*args, **kwargs)`: read `__init__`.
+    init = model_cls.__init__ if isinstance(model_cls, type) else model_cls
+    return argument in inspect.signature(init).parameters
+
+
 def build(
     cfg: ml_collections.ConfigDict,
     *,
@@ -50,9 +58,6 @@ def build(
             f"{input_shape}; models that fit rank {len(input_shape)}: {fits}"
         )
     model_cls = MODELS[cfg.name]
-    # nnx's metaclass hides a class's own signature behind `(*args, **kwargs)`: read `__init__`.
-    init = model_cls.__init__ if isinstance(model_cls, type) else model_cls
-    accepted = inspect.signature(init).parameters
-    kwargs = {k: v for k, v in cfg.items() if k in accepted}
+    kwargs = {k: v for k, v in cfg.items() if accepts(cfg.name, k)}
     with nnx.use_eager_sharding(False):  # no mesh yet: annotate params, don't place them
         return model_cls(input_shape=input_shape, num_classes=num_classes, rngs=rngs, **kwargs)

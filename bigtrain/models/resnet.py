@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigtrain.models import remat as remat_lib
+
 _part = nnx.with_partitioning
 _init = nnx.initializers
 
@@ -132,8 +134,10 @@ class ResNet(nnx.Module):
         num_classes: int,
         variant: str = "",
         dtype: str = "float32",
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
+        self.remat = remat_lib.check(remat)
         variant = variant or "resnet18"
         if variant not in VARIANTS:
             raise ValueError(f"unknown resnet variant {variant!r}; valid: {sorted(VARIANTS)}")
@@ -171,6 +175,6 @@ class ResNet(nnx.Module):
         if self.imagenet_stem:
             x_BHWD = nnx.max_pool(x_BHWD, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in self.blocks:
-            x_BHWD = block(x_BHWD, train=train)
+            x_BHWD = remat_lib.call(block, x_BHWD, self.remat, train=train)
         logits_BC = self.head(jnp.mean(x_BHWD, axis=(1, 2)))
         return logits_BC.astype(jnp.float32)

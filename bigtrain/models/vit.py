@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigtrain.models import remat as remat_lib
+
 _part = nnx.with_partitioning
 _init = nnx.initializers
 _normal = _init.truncated_normal(stddev=0.02)
@@ -121,8 +123,10 @@ class ViT(nnx.Module):
         patch_size: int = 16,
         dropout: float = 0.0,
         dtype: str = "float32",
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
+        self.remat = remat_lib.check(remat)
         variant = variant or "Ti"
         if variant not in VARIANTS:
             raise ValueError(f"unknown vit variant {variant!r}; valid: {sorted(VARIANTS)}")
@@ -167,6 +171,6 @@ class ViT(nnx.Module):
         x_BLD = x_BLD + self.pos_LD[...].astype(self.dtype)
         x_BLD = self.dropout(x_BLD, deterministic=not train, rngs=rngs)
         for block in self.blocks:
-            x_BLD = block(x_BLD, train=train, rngs=rngs)
+            x_BLD = remat_lib.call(block, x_BLD, self.remat, train=train, rngs=rngs)
         logits_BC = self.head(self.norm(x_BLD)[:, 0])
         return logits_BC.astype(jnp.float32)
