@@ -69,6 +69,7 @@ def base() -> ConfigDict:
     c.model.patch_size = 16
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = "none"  # none | full | dots_saveable: recompute activations per block
+    c.model.conv = "auto"  # auto | xla | patches: how convolutions run (bigtrain/models/conv.py)
 
     c.loss = ConfigDict()
     c.loss.name = "softmax_xent"
@@ -294,6 +295,7 @@ def _rules() -> list[tuple[str, Any, str]]:
         "mesh.rules": (_valid_rules, "entries like 'embed=fsdp' (axes data, fsdp, tensor, none)"),
         "peak_flops_per_device": non_negative,
         "model.remat": one_of({"none", "full", "dots_saveable"}),
+        "model.conv": one_of({"auto", "xla", "patches"}),
         "optim.accum_steps": positive,
     }
     return [(key, check, valid) for key, (check, valid) in table.items()]

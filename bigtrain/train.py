@@ -401,6 +401,22 @@ def compile_only(config: ConfigDict) -> dict[str, float]:
     return stats
 
 
+def build_step(config: ConfigDict) -> SimpleNamespace:
+    """The compiled train step, a fresh sharded state and the data, without the loop.
+
+    For benchmarks and notebooks:
+    `b = build_step(c); state, metrics = b.step(b.init(), b.data.next_train())`.
+    The step donates its state argument; keep only the state it returns.
+    """
+    config_lib.validate(config)
+    setup = _setup(config)
+    step, stats = _compile_train_step(config, setup)
+    init = jax.jit(
+        lambda: step_lib.init_state(setup.create, setup.tx), out_shardings=setup.state_sharding
+    )
+    return SimpleNamespace(**vars(setup), step=step, stats=stats, init=init)
+
+
 # Dense bf16 peak FLOP/s per chip (vendor figures). CPU: measured at start-up.
 PEAK_FLOPS = {
     "TPU v4": 275e12,

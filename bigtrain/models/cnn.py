@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigtrain.models import conv as conv_lib
+
 _part = nnx.with_partitioning
 _init = nnx.initializers
 
@@ -23,6 +25,7 @@ def _conv_stack(
     kernel_size: int,
     spatial_rank: int,
     dtype: jnp.dtype,
+    conv: str,
     rngs: nnx.Rngs,
 ) -> nnx.List:
     if depth < 1:
@@ -40,6 +43,7 @@ def _conv_stack(
                 param_dtype=jnp.float32,
                 kernel_init=_part(_init.he_normal(), names),
                 bias_init=_part(_init.zeros_init(), ("conv_out",)),
+                conv_general_dilated=conv_lib.get(conv),
                 rngs=rngs,
             )
             for i in range(depth)
@@ -73,6 +77,7 @@ class CNN1D(nnx.Module):
         depth: int = 4,
         kernel_size: int = 5,
         dtype: str = "float32",
+        conv: str = "auto",
         rngs: nnx.Rngs,
     ):
         length, channels = input_shape
@@ -84,6 +89,7 @@ class CNN1D(nnx.Module):
             kernel_size=kernel_size,
             spatial_rank=1,
             dtype=dtype,
+            conv=conv,
             rngs=rngs,
         )
         for _ in range(depth - 1):  # each stride-2 "SAME" conv: L -> ceil(L / 2)
@@ -114,6 +120,7 @@ class CNN2D(nnx.Module):
         depth: int = 4,
         kernel_size: int = 5,
         dtype: str = "float32",
+        conv: str = "auto",
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(dtype)
@@ -124,6 +131,7 @@ class CNN2D(nnx.Module):
             kernel_size=kernel_size,
             spatial_rank=2,
             dtype=dtype,
+            conv=conv,
             rngs=rngs,
         )
         self.head = _head(width, num_classes, dtype=dtype, rngs=rngs)

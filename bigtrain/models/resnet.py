@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigtrain.models import conv as conv_lib
 from bigtrain.models import remat as remat_lib
 
 _part = nnx.with_partitioning
@@ -19,7 +20,7 @@ _init = nnx.initializers
 
 
 def _conv(
-    d_in: int, d_out: int, k: int, stride: int, *, dtype: jnp.dtype, rngs: nnx.Rngs
+    d_in: int, d_out: int, k: int, stride: int, *, dtype: jnp.dtype, conv: str, rngs: nnx.Rngs
 ) -> nnx.Conv:
     return nnx.Conv(
         d_in,
@@ -33,6 +34,7 @@ def _conv(
         kernel_init=_part(
             _init.variance_scaling(2.0, "fan_out", "normal"), (None, None, "conv_in", "conv_out")
         ),
+        conv_general_dilated=conv_lib.get(conv),
         rngs=rngs,
     )
 
@@ -54,8 +56,10 @@ def _bn(d: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, zero_scale: bool = False) -
 class _Shortcut(nnx.Module):
     """1x1 conv + BatchNorm projection, used where the residual's shape changes."""
 
-    def __init__(self, d_in: int, d_out: int, stride: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.conv = _conv(d_in, d_out, 1, stride, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, d_in: int, d_out: int, stride: int, *, dtype: jnp.dtype, conv: str, rngs: nnx.Rngs
+    ):
+        self.conv = _conv(d_in, d_out, 1, stride, dtype=dtype, conv=conv, rngs=rngs)
         self.bn = _bn(d_out, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BHWD: jax.Array, *, train: bool) -> jax.Array:
@@ -65,13 +69,15 @@ class _Shortcut(nnx.Module):
 class BasicBlock(nnx.Module):
     expansion = 1
 
-    def __init__(self, d_in: int, width: int, stride: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.conv1 = _conv(d_in, width, 3, stride, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, d_in: int, width: int, stride: int, *, dtype: jnp.dtype, conv: str, rngs: nnx.Rngs
+    ):
+        self.conv1 = _conv(d_in, width, 3, stride, dtype=dtype, conv=conv, rngs=rngs)
         self.bn1 = _bn(width, dtype=dtype, rngs=rngs)
-        self.conv2 = _conv(width, width, 3, 1, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(width, width, 3, 1, dtype=dtype, conv=conv, rngs=rngs)
         self.bn2 = _bn(width, dtype=dtype, rngs=rngs, zero_scale=True)
         self.shortcut = (
-            _Shortcut(d_in, width, stride, dtype=dtype, rngs=rngs)
+            _Shortcut(d_in, width, stride, dtype=dtype, conv=conv, rngs=rngs)
             if stride != 1 or d_in != width
             else None
         )
@@ -90,16 +96,18 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, d_in: int, width: int, stride: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, d_in: int, width: int, stride: int, *, dtype: jnp.dtype, conv: str, rngs: nnx.Rngs
+    ):
         d_out = width * self.expansion
-        self.conv1 = _conv(d_in, width, 1, 1, dtype=dtype, rngs=rngs)
+        self.conv1 = _conv(d_in, width, 1, 1, dtype=dtype, conv=conv, rngs=rngs)
         self.bn1 = _bn(width, dtype=dtype, rngs=rngs)
-        self.conv2 = _conv(width, width, 3, stride, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(width, width, 3, stride, dtype=dtype, conv=conv, rngs=rngs)
         self.bn2 = _bn(width, dtype=dtype, rngs=rngs)
-        self.conv3 = _conv(width, d_out, 1, 1, dtype=dtype, rngs=rngs)
+        self.conv3 = _conv(width, d_out, 1, 1, dtype=dtype, conv=conv, rngs=rngs)
         self.bn3 = _bn(d_out, dtype=dtype, rngs=rngs, zero_scale=True)
         self.shortcut = (
-            _Shortcut(d_in, d_out, stride, dtype=dtype, rngs=rngs)
+            _Shortcut(d_in, d_out, stride, dtype=dtype, conv=conv, rngs=rngs)
             if stride != 1 or d_in != d_out
             else None
         )
@@ -135,9 +143,11 @@ class ResNet(nnx.Module):
         variant: str = "",
         dtype: str = "float32",
         remat: str = "none",
+        conv: str = "auto",
         rngs: nnx.Rngs,
     ):
         self.remat = remat_lib.check(remat)
+        conv_lib.get(conv)  # fails early on an unknown name
         variant = variant or "resnet18"
         if variant not in VARIANTS:
             raise ValueError(f"unknown resnet variant {variant!r}; valid: {sorted(VARIANTS)}")
@@ -147,14 +157,14 @@ class ResNet(nnx.Module):
         d = widths[0]
         k = 7 if imagenet_stem else 3
         self.stem_conv = _conv(
-            input_shape[-1], d, k, 2 if imagenet_stem else 1, dtype=dtype, rngs=rngs
+            input_shape[-1], d, k, 2 if imagenet_stem else 1, dtype=dtype, conv=conv, rngs=rngs
         )
         self.stem_bn = _bn(d, dtype=dtype, rngs=rngs)
         blocks = []
         for stage, (n, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(block(d, width, stride, dtype=dtype, rngs=rngs))
+                blocks.append(block(d, width, stride, dtype=dtype, conv=conv, rngs=rngs))
                 d = width * block.expansion
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(
