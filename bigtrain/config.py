@@ -36,6 +36,9 @@ def base() -> ConfigDict:
     c.checkpoint_every_minutes = 0.0  # also save when this much time passed; 0 = off
     c.nan_policy = "skip"  # skip: drop the update, count it; halt: dump diagnostics, exit 4
     c.nan_max_consecutive = 10  # skip: halt after this many non-finite steps in a row
+    # Implicit host<->device transfers in the loop after step 1: allow | log | disallow. "disallow"
+    # turns a hidden sync (float(x) on a device array in a hook, say) into an error naming it.
+    c.transfer_guard = "allow"
     c.watchdog_secs = 0.0  # exit 70 with all thread stacks if no step completes in time; 0 = off
 
     c.init_from = ConfigDict()  # partial init of a fresh run from another run's checkpoint
@@ -254,6 +257,7 @@ def _rules() -> list[tuple[str, Any, str]]:
         "nan_policy": one_of({"skip", "halt"}),
         "nan_max_consecutive": positive,
         "watchdog_secs": non_negative,
+        "transfer_guard": one_of({"allow", "log", "disallow"}),
         "init_from.parts": (
             lambda v: set(v.replace(" ", "").split(",")) <= {"params", "model_state", "opt_state"},
             "a comma-separated subset of params, model_state, opt_state",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import logging
@@ -9,7 +10,7 @@ import pathlib
 import re
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -65,8 +66,14 @@ def run(
 
     # --- compile (ahead of time: errors and memory use show before step 0)
     train_step, stats = _compile_train_step(config, setup)
-    eval_step = jax.jit(
-        step_lib.make_eval_step(model, loss_name=config.loss.name), donate_argnums=2
+    eval_step = _EvalStep(
+        jax.jit(
+            step_lib.make_eval_step(model, loss_name=config.loss.name),
+            out_shardings=sharding.replicated(mesh),
+            donate_argnums=2,
+        ),
+        # Made on device (no host transfer), with the sharding eval_step returns: one compile.
+        jax.jit(step_lib.zero_sums, out_shardings=sharding.replicated(mesh)),
     )
 
     # --- loop
@@ -90,8 +97,11 @@ def run(
     if start == 0:
         writer.write_text("config", str(config))
     done = start
+    steady = contextlib.ExitStack()  # the transfer guard, from the second step on
     try:
         for done in range(start + 1, last + 1):
+            if done == start + 2:
+                steady.enter_context(jax.transfer_guard(config.transfer_guard))
             t = time.perf_counter()
             batch = data.next_train()
             clock.data_wait += time.perf_counter() - t
@@ -137,6 +147,7 @@ def run(
         _close_quietly(ckpt)  # commit what is in flight; the original error is the one to show
         raise
     finally:
+        steady.close()
         watchdog.close()
         preemption.close()
         writer.close()
@@ -154,10 +165,15 @@ def run(
     return final
 
 
-def evaluate(eval_step, state, data: data_lib.Data, watchdog=None) -> dict[str, float]:
-    sums = step_lib.zero_sums()
+class _EvalStep(NamedTuple):
+    step: Any  # jitted (state, batch, sums) -> sums
+    zeros: Any  # jitted () -> the sums to start from
+
+
+def evaluate(eval_step: _EvalStep, state, data: data_lib.Data, watchdog=None) -> dict[str, float]:
+    sums = eval_step.zeros()
     for batch in data.eval_batches():
-        sums = eval_step(state, batch, sums)
+        sums = eval_step.step(state, batch, sums)
         if watchdog is not None:
             watchdog.beat()
     sums = jax.device_get(sums)

@@ -1,13 +1,13 @@
 """Convolution for `nnx.Conv` that steps around XLA:CPU's slow path on small feature maps.
 
 XLA's CPU convolution runs 10-30x below its own matmul rate when the output feature map has
-only a few positions and many channels (ResNet-18 on 32x32 images ends on 2x2 and 1x1 maps with 256-512
-channels: 50 ms for a 3x3 conv that PyTorch does in 1.6 ms; experiments/bench_torch.py). There
-we compute the convolution as patches x kernel: the k^d shifted views of the padded input,
-concatenated along channels, times the kernel reshaped to (k^d * Cin, Cout) - one matmul, whose
-gradient is a matmul and slices. Everywhere else, and on GPU/TPU (cuDNN and the TPU compiler are
-fast on every shape), it is `lax.conv_general_dilated`. Both compute the same sums in a
-different order: equal to float32 rounding (tests/conv_test.py).
+only a few positions and many channels (ResNet-18 on 32x32 images ends on 2x2 and 1x1 maps
+with 256-512 channels: 50 ms for a 3x3 conv that PyTorch does in 1.6 ms). There we compute the
+convolution as patches x kernel: the k^d shifted views of the padded input, concatenated along
+channels, times the kernel reshaped to (k^d * Cin, Cout) - one matmul, whose gradient is a
+matmul and slices. Everywhere else, and on GPU/TPU (cuDNN and the TPU compiler are fast on
+every shape), it is `lax.conv_general_dilated`. Both compute the same sums in a different
+order: equal to float32 rounding (tests/conv_test.py). Measured in docs/performance.md.
 
 `model.conv` picks: "auto" (the rule above), "xla" (always lax), "patches" (always patches
 where supported: no dilation, no feature groups, channels-last).
