@@ -59,6 +59,9 @@ def base() -> ConfigDict:
     c.data.path = ""  # arrayrecord: the DST folder of `python -m bigtrain.data.convert SRC DST`
     c.data.pp = ""  # train ops, e.g. "resize(32)|flip_lr|standardize"; "" = decode|standardize
     c.data.pp_eval = ""  # eval ops; "" = decode|standardize
+    # Consecutive batches per host->device transfer; the step picks its row on the device.
+    # -1 = automatic (as many as fit in 16 MiB, <= 256; 1 with workers); 1 = one batch each.
+    c.data.chunk = -1
     c.data.workers = -1  # input worker processes; -1 = automatic (0 on <= 2 cores)
     c.data.strict = False  # a bad record mid-stream stops the run instead of being skipped
 
@@ -270,6 +273,7 @@ def _rules() -> list[tuple[str, Any, str]]:
         "data.read_threads": positive,
         "data.prefetch": non_negative,
         "data.workers": (lambda v: v >= -1, "-1 (automatic) or >= 0"),
+        "data.chunk": (lambda v: v == -1 or v >= 1, "-1 (automatic) or >= 1"),
         "data.pp": (_valid_ops, "ops joined by |, e.g. resize(32)|flip_lr; see data/ops.py"),
         "data.pp_eval": (_valid_ops, "ops joined by |; see data/ops.py"),
         "model.name": one_of(models.MODELS),

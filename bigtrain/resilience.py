@@ -121,10 +121,9 @@ class NonFiniteError(RuntimeError):
 
 def batch_record_indices(num_records: int, seed: int, global_batch: int, step: int) -> list[int]:
     """Train-split record indices in global batch `step` (1-based): the pipeline's order."""
-    import grain
+    from bigtrain.data.pipeline import stream_indices
 
-    order = grain.MapDataset.range(num_records).shuffle(seed=seed).repeat()
-    return [int(order[i]) for i in range((step - 1) * global_batch, step * global_batch)]
+    return stream_indices(num_records, seed, (step - 1) * global_batch, global_batch).tolist()
 
 
 def write_nonfinite_dump(path: pathlib.Path, info: dict) -> None:

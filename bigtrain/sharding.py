@@ -120,8 +120,10 @@ def check_batch(batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
         )
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, chunked: bool = False) -> NamedSharding:
+    """Rows over the batch axes; `chunked` arrays (K, B, ...) stack K batches on axis 0."""
+    lead = (None,) if chunked else ()
+    return NamedSharding(mesh, P(*lead, BATCH_AXES, *([None] * (ndim - 1 - len(lead)))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -72,7 +72,10 @@ def make_train_step(
     label_smoothing: float,
     seed: int,
     accum_steps: int = 1,
+    chunk: int = 1,
 ):
+    """`chunk` > 1: the batch argument stacks `chunk` consecutive batches (K, B, ...) and the
+    step takes row `step % chunk`, so one transfer feeds K steps (`data/pipeline.py:Prefetch`)."""
     loss_fn = losses.get(loss_name)
     base_key = jax.random.key(seed)
 
@@ -111,6 +114,11 @@ def make_train_step(
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         rng = jax.random.fold_in(base_key, state["step"])  # a pure function of the step
+        if chunk > 1:
+            row = state["step"] % chunk
+            batch = {
+                k: jax.lax.dynamic_index_in_dim(v, row, keepdims=False) for k, v in batch.items()
+            }
         x, y = batch["x"], batch["y"]
         n = x.shape[0]  # the true example count: every row of a train batch is real
         run = microbatch if accum_steps == 1 else accumulate

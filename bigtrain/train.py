@@ -332,15 +332,16 @@ def _setup(config: ConfigDict) -> SimpleNamespace:
 def _compile_train_step(config: ConfigDict, setup: SimpleNamespace):
     """Compiles the step for the configured mesh; returns it and its memory/FLOP figures."""
     mesh, data = setup.mesh, setup.data
+    k = data.chunk  # batches per transfer: the step's input is (k, B, ...) when k > 1
+    lead = (k,) if k > 1 else ()
+    shapes = {"x": (*lead, config.batch_size, *data.input_shape), "y": (*lead, config.batch_size)}
     batch_sharding = {
-        "x": sharding.batch_sharding(mesh, 1 + len(data.input_shape)),
-        "y": sharding.batch_sharding(mesh, 1),
+        key: sharding.batch_sharding(mesh, len(shape), chunked=k > 1)
+        for key, shape in shapes.items()
     }
     batch_spec = {
-        "x": jax.ShapeDtypeStruct(
-            (config.batch_size, *data.input_shape), np.float32, sharding=batch_sharding["x"]
-        ),
-        "y": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=batch_sharding["y"]),
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding[key])
+        for (key, shape), dtype in zip(shapes.items(), (np.float32, np.int32), strict=True)
     }
     t0 = time.perf_counter()
 
@@ -353,6 +354,7 @@ def _compile_train_step(config: ConfigDict, setup: SimpleNamespace):
             label_smoothing=config.loss.label_smoothing,
             seed=config.seed,
             accum_steps=accum_steps,
+            chunk=k,
         )
         return jax.jit(
             step_fn,

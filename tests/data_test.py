@@ -144,3 +144,35 @@ def test_permute_positions_is_one_fixed_permutation():
     flat_p = plain.x_train.reshape(len(plain.x_train), -1)
     flat_s = shuffled.x_train.reshape(len(plain.x_train), -1)
     np.testing.assert_array_equal(np.sort(flat_p, 1), np.sort(flat_s, 1))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_chunks_hold_the_same_batches_and_resume_mid_chunk(depth):
+    """chunk=K serves step s the stack of batches [K*(s//K), ...) with batch s at row s % K;
+    a state taken mid-chunk restores to the very next batch."""
+    ds = _dataset(n=40)
+    plain = _take(pipeline.iterate(_train(ds), threads=1, prefetch=0), 14)
+    it = pipeline.iterate(_train(ds), threads=2, prefetch=depth, chunk=4)
+    served = _take(it, 6)
+    for s, chunk in enumerate(served):
+        assert chunk["x"].shape == (4, 8, 6, 2)
+        np.testing.assert_array_equal(chunk["x"][s % 4], plain[s]["x"])
+        np.testing.assert_array_equal(chunk["y"][s % 4], plain[s]["y"])
+    fresh = pipeline.iterate(_train(ds), threads=2, prefetch=depth, chunk=4)
+    fresh.set_state(it.get_state())
+    for s, chunk in enumerate(_take(fresh, 8), start=6):
+        np.testing.assert_array_equal(chunk["x"][s % 4], plain[s]["x"])
+
+
+def test_stream_order_is_a_permutation_for_any_size():
+    for n in [1, 2, 3, 7, 64, 1000, 4099]:
+        for epoch in range(2):
+            ids = pipeline.stream_indices(n, 5, epoch * n, n)
+            assert sorted(ids.tolist()) == list(range(n)), n
+    # Past the table size the same bijection is evaluated per batch: the same order.
+    table = pipeline.stream_indices(1000, 5, 300, 1500)
+    limit, pipeline._TABLE_MAX = pipeline._TABLE_MAX, 10
+    try:
+        np.testing.assert_array_equal(pipeline.stream_indices(1000, 5, 300, 1500), table)
+    finally:
+        pipeline._TABLE_MAX = limit

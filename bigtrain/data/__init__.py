@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -20,7 +21,7 @@ __all__ = ["Data", "DataError", "Standardizer", "build", "to_global"]
 
 @dataclasses.dataclass
 class Data:
-    train: pipeline.SkipCounter  # checkpointable: get_state / set_state
+    train: pipeline.Prefetch | pipeline.SkipCounter  # global batches; get_state / set_state
     eval_dataset: object  # grain.MapDataset of local eval batches
     num_classes: int
     input_shape: tuple[int, ...]
@@ -28,6 +29,7 @@ class Data:
     num_test: int
     mesh: Mesh
     workers: int = 0
+    chunk: int = 1  # consecutive batches per transfer; next_train() serves (chunk, B, ...)
 
     @property
     def skipped_records(self) -> int:
@@ -35,7 +37,9 @@ class Data:
         return self.train.skipped
 
     def next_train(self) -> dict[str, jax.Array]:
-        return to_global(next(self.train), self.mesh)
+        """The next step's input, already global arrays on the devices: its batch, or with
+        chunk > 1 the (chunk, B, ...) stack holding it at row (step % chunk)."""
+        return next(self.train)
 
     def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
         for batch in self.eval_dataset:
@@ -74,9 +78,18 @@ def build(config: ConfigDict, mesh: Mesh) -> Data:
     test = pipeline.eval_dataset(
         test_reader, eval_ops, global_batch=config.eval_batch_size, strict=dc.strict, **where
     )
-    input_shape = _check_shapes(train[0], test[0], dc)
+    first = train[0]
+    input_shape = _check_shapes(first, test[0], dc)
     workers = pipeline.auto_workers(dc.workers)
-    it = pipeline.iterate(train, threads=dc.read_threads, prefetch=dc.prefetch, workers=workers)
+    chunk = auto_chunk(dc.chunk, first, workers, mesh)
+    it = pipeline.iterate(
+        train,
+        threads=dc.read_threads,
+        prefetch=dc.prefetch if chunk == 1 else 2,
+        workers=workers,
+        put=functools.partial(to_global, mesh=mesh, chunked=chunk > 1),
+        chunk=chunk,
+    )
     return Data(
         it,
         test,
@@ -86,7 +99,32 @@ def build(config: ConfigDict, mesh: Mesh) -> Data:
         len(test_reader),
         mesh,
         workers,
+        chunk,
     )
+
+
+CHUNK_BYTES = 16 * 2**20  # automatic data.chunk: as many batches per transfer as fit in this
+CHUNK_MAX = 256
+
+
+def auto_chunk(requested: int, batch: dict, workers: int, mesh: Mesh) -> int:
+    """-1 = automatic: small batches travel CHUNK_BYTES at a time (one transfer, no host work
+    for many steps: what keeps the loop at the bare step's speed for small models).
+
+    Not on meshes of several CPU devices: there XLA:CPU's collectives intermittently deadlock
+    in a step that indexes a chunk (jax 0.10.2, seen with 8 simulated devices); those meshes
+    are for testing sharding, not for speed."""
+    if requested > 1 and workers > 0:
+        raise DataError(
+            f"data.chunk={requested} needs data.workers=0 (worker processes serve one batch at "
+            "a time); set data.chunk=-1 or 1, or data.workers=0"
+        )
+    if requested > 0:
+        return requested
+    if workers > 0 or (mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"):
+        return 1
+    size = sum(np.asarray(v).nbytes for k, v in batch.items() if k != "skipped")
+    return int(np.clip(CHUNK_BYTES // max(size, 1), 1, CHUNK_MAX))
 
 
 def _check_shapes(train: dict, test: dict, dc: ConfigDict) -> tuple[int, ...]:
@@ -106,10 +144,13 @@ def _check_shapes(train: dict, test: dict, dc: ConfigDict) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def to_global(batch: pipeline.Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's local rows into one global array sharded over the batch axes."""
-    out = {}
-    for key, local in batch.items():
-        spec = sharding.batch_sharding(mesh, np.ndim(local))
-        out[key] = jax.make_array_from_process_local_data(spec, local)
-    return out
+def to_global(batch: pipeline.Batch, mesh: Mesh, chunked: bool = False) -> dict[str, jax.Array]:
+    """Assembles each process's local rows into one global array sharded over the batch axes
+    (axis 1 of a `chunked` (K, B, ...) stack of batches)."""
+    specs = {k: sharding.batch_sharding(mesh, np.ndim(v), chunked) for k, v in batch.items()}
+    if jax.process_count() == 1:
+        return jax.device_put(batch, specs)  # one transfer call for the whole batch
+    return {
+        key: jax.make_array_from_process_local_data(specs[key], local)
+        for key, local in batch.items()
+    }

@@ -6,11 +6,17 @@ batches are the same whatever the number of processes, and the iterator state (a
 the count of skipped bad records) is saved in every checkpoint. Ops (`ops.py`) run on whole
 local batches; their randomness is seeded by (seed, global batch index), never by iteration
 order or worker.
+
+The permutation is computed for a whole batch of positions at once (`stream_indices`, a keyed
+bijection: no per-record Python and no O(records) table), so a grain element is a batch.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -25,6 +31,7 @@ from bigtrain.data.records import DataError
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
+_ENDLESS = 2**62  # the train stream's length in batches: endless for any real run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +87,74 @@ class Reader(Protocol):
         """Where record `index` lives (shard file and position), for error messages."""
 
 
+# --- the order: a keyed bijection of [0, n) per epoch, evaluated for many positions at once
+
+_ROUNDS = 4
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a fast, well-mixing hash of uint64s."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=64)
+def _keys(seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).integers(0, 2**63, _ROUNDS, dtype=np.uint64)
+
+
+def _permute(x: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+    """A bijection of [0, n): a Feistel network on [0, 4^h) >= n, cycle-walked into [0, n)."""
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    x = x.astype(np.uint64)
+    todo = np.ones(x.shape, bool)
+    while todo.any():
+        left, right = x[todo] >> shift, x[todo] & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        x[todo] = (left << shift) | right
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+_TABLE_MAX = 2**24  # epochs of up to this many records are permuted once and kept (<= 128 MiB)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_table(n: int, seed: int, epoch: int) -> np.ndarray:
+    return _permute(np.arange(n, dtype=np.int64), n, _keys(seed, epoch))
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
+    """The record indices at train-stream positions [start, start + count)."""
+    epoch, within = np.divmod(np.arange(start, start + count, dtype=np.int64), n)
+    first, last = int(epoch[0]), int(epoch[-1])
+    if n <= _TABLE_MAX and first == last:
+        return _epoch_table(n, seed, first)[within]  # the common case: a slice of one epoch
+    out = np.empty(count, np.int64)
+    for e in range(first, last + 1):
+        rows = epoch == e
+        if n <= _TABLE_MAX:
+            out[rows] = _epoch_table(n, seed, e)[within[rows]]
+        else:  # too many records to tabulate: the same bijection, evaluated per batch
+            out[rows] = _permute(within[rows], n, _keys(seed, e))
+    return out
+
+
+class _TrainOrder:
+    """Global batch s -> this process's record indices in it (a pure function of s)."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, local: int, process_index: int):
+        self.n, self.seed, self.global_batch, self.local = n, seed, global_batch, local
+        self.offset = process_index * local
+
+    def __call__(self, s: int) -> np.ndarray:
+        start = s * self.global_batch + self.offset
+        return stream_indices(self.n, self.seed, start, self.local)
+
+
 def train_dataset(
     reader: Reader,
     chain: ops.Chain | Standardizer,
@@ -94,8 +169,8 @@ def train_dataset(
     local = _local_size(global_batch, process_count)
     reader, chain = _coerce(reader, chain, "train")
     gather = _Gather(reader, chain, seed, global_batch, local, process_index, strict)
-    order = grain.MapDataset.range(len(reader)).shuffle(seed=seed).repeat()
-    return order.batch(local)[process_index::process_count].map_with_index(gather)
+    order = _TrainOrder(len(reader), seed, global_batch, local, process_index)
+    return grain.MapDataset.range(_ENDLESS).map(order).map_with_index(gather)
 
 
 def eval_dataset(
@@ -113,8 +188,8 @@ def eval_dataset(
     n = len(reader)
     padded = math.ceil(n / global_batch) * global_batch
     gather = _Gather(reader, chain, 0, global_batch, local, process_index, strict, limit=n)
-    order = grain.MapDataset.range(padded).batch(local)[process_index::process_count]
-    return order.map_with_index(gather)
+    rows = lambda s: s * global_batch + process_index * local + np.arange(local)
+    return grain.MapDataset.range(padded // global_batch).map(rows).map_with_index(gather)
 
 
 def _coerce(reader, chain, split: str) -> tuple[Reader, ops.Chain]:
@@ -162,31 +237,128 @@ class _Gather:
 _warned = [0]
 
 
-def iterate(ds: grain.MapDataset, *, threads: int, prefetch: int, workers: int = 0) -> SkipCounter:
-    """A checkpointable iterator (`get_state`/`set_state`) reading ahead on `threads` threads,
-    in `workers` processes if > 0 (0 and N workers give the same batches)."""
+def iterate(
+    ds: grain.MapDataset,
+    *,
+    threads: int,
+    prefetch: int,
+    workers: int = 0,
+    put=None,
+    chunk: int = 1,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator (`get_state`/`set_state`) over batches 0, 1, ... of `ds`.
+
+    `put` (e.g. onto the devices) is applied to what is served, on the calling thread. With
+    `workers` == 0, reading runs on `threads` threads, `prefetch` chunks ahead; `chunk` > 1
+    stacks that many consecutive batches into one transfer (see `Prefetch`). With `workers` >
+    0, grain's worker processes read (chunk must be 1). All give the same batches.
+    """
+    if workers <= 0:
+        return Prefetch(ds, threads=threads, depth=prefetch, put=put, chunk=chunk)
+    if chunk != 1:
+        raise ValueError(f"chunk={chunk} needs workers=0; grain's workers serve single batches")
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults here)
+        flags.FLAGS.mark_as_parsed()
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
     it_ds = ds.to_iter_dataset(options)
-    if workers > 0:
-        from absl import flags
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return SkipCounter(iter(it_ds), put)
 
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults here)
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return SkipCounter(iter(it_ds))
+
+def _unpack(batch: Batch, put) -> tuple[Batch, int]:
+    skipped = int(batch.pop("skipped", 0))
+    return (put(batch) if put is not None else batch), skipped
+
+
+def _read_chunk(ds: grain.MapDataset, c: int, k: int) -> tuple[Batch, np.ndarray]:
+    """Batches [c*k, (c+1)*k) stacked on a leading axis (k == 1: the batch itself); a plain
+    function, so the thread pool holds no reference to the iterator."""
+    if k == 1:
+        batch, skipped = _unpack(ds[c], None)
+        return batch, np.array([skipped])
+    batches = [ds[s] for s in range(c * k, (c + 1) * k)]
+    skipped = np.array([int(b.pop("skipped", 0)) for b in batches])
+    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}, skipped
+
+
+class Prefetch(grain.DatasetIterator):
+    """Batches of a MapDataset in order, read ahead on a thread pool, `put` when served.
+
+    With `chunk` = K > 1 every K consecutive batches travel together: `next` serves, for the
+    step that takes batch s, the stacked chunk s // K holding it (the same arrays for K calls),
+    and the train step picks row s % K itself. One transfer and no host work then covers K
+    steps. The state is the index of the next batch to serve (any s, not only chunk starts)
+    plus the running count of skipped bad records: read-ahead is never counted as consumed.
+    """
+
+    def __init__(self, ds: grain.MapDataset, *, threads: int, depth: int, put=None, chunk=1):
+        super().__init__()
+        self._ds, self._put, self._depth, self.chunk = ds, put, max(depth, 1), max(chunk, 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(threads, 1), "bigtrain-input")
+        self._queue: collections.deque = collections.deque()  # futures of chunks _first, ...
+        self._first = 0  # index of the chunk at the head of the queue
+        self._current: tuple | None = None  # (chunk index, arrays, skipped per batch)
+        self._next, self.skipped = 0, 0
+
+    def _fill(self) -> None:
+        while len(self._queue) < self._depth:
+            c = self._first + len(self._queue)
+            self._queue.append(self._pool.submit(_read_chunk, self._ds, c, self.chunk))
+
+    def __next__(self):
+        c = self._next // self.chunk
+        if self._current is None or self._current[0] != c:
+            if self._first != c:  # first call, or after set_state: start reading at chunk c
+                self._drop_queue()
+                self._first = c
+            self._fill()
+            arrays, skipped = self._queue.popleft().result()  # re-raises a reader's error
+            self._first = c + 1
+            self._fill()
+            # `put` (the transfer) runs here, on the caller's thread, after the reads ahead
+            # are queued: one thread owns every transfer.
+            arrays = self._put(arrays) if self._put is not None else arrays
+            self._current = (c, arrays, skipped)
+        self.skipped += int(self._current[2][self._next % self.chunk])
+        self._next += 1
+        return dict(self._current[1])  # a caller replacing an entry changes only its copy
+
+    def _drop_queue(self) -> None:
+        if not self._queue:
+            return
+        for future in self._queue:
+            future.cancel()
+        concurrent.futures.wait(list(self._queue))
+        self._queue.clear()
+
+    def get_state(self) -> dict:
+        return {"next_batch": self._next, "skipped": self.skipped}
+
+    def set_state(self, state: dict) -> None:
+        self._next, self.skipped = int(state["next_batch"]), int(state["skipped"])
+        self._current = None
+
+    def close(self) -> None:
+        try:
+            self._drop_queue()  # waits for the reads in flight; the threads then exit
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        except (AttributeError, TypeError):  # at interpreter exit, modules are torn down
+            pass
 
 
 class SkipCounter(grain.DatasetIterator):
     """Pops each batch's count of skipped bad records and keeps the running total in its state,
     so the count survives a resume."""
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, put=None):
         super().__init__(parent)
-        self.skipped = 0
+        self.skipped, self._put = 0, put
 
     def __next__(self) -> Batch:
-        batch = next(self._parent)
-        self.skipped += int(batch.pop("skipped", 0))
+        batch, skipped = _unpack(next(self._parent), self._put)
+        self.skipped += skipped
         return batch
 
     def get_state(self) -> dict:

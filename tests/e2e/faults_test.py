@@ -176,8 +176,9 @@ def _nan_at(steps):
     def planted(self):
         calls["n"] += 1
         batch = original(self)
-        if calls["n"] in steps:
-            batch["x"] = batch["x"] * np.nan
+        if calls["n"] in steps:  # poison this step's batch: its row of the chunk it is in
+            row = (calls["n"] - 1) % self.chunk if self.chunk > 1 else slice(None)
+            batch["x"] = batch["x"].at[row].set(np.nan)
         return batch
 
     return planted

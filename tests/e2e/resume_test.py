@@ -92,6 +92,22 @@ def test_resume_in_a_fresh_process_is_bitwise_exact(tiny_config, tmp_path):
     assert _rows(tmp_path / "resumed")[-1]["eval/accuracy"] == straight["eval/accuracy"]
 
 
+@pytest.mark.parametrize("stop", [5, 8])
+def test_resume_mid_chunk_is_bitwise_exact(tiny_config, tmp_path, stop):
+    """Batches travel 4 to a transfer (data.chunk=4, one device); stopping inside a chunk (5)
+    or at its end (8) and resuming gives the uninterrupted run's parameters, bit for bit."""
+    config = _resume_config(tiny_config)
+    config.mesh.data, config.data.chunk = 1, 4
+    config.total_steps, config.checkpoint_every = 14, 0
+    train.run(config, tmp_path / "straight")
+    train.run(config, tmp_path / "resumed", stop_at_step=stop)
+    train.run(config, tmp_path / "resumed")
+    _assert_bitwise_equal(
+        checkpoint.load_arrays(tmp_path / "straight" / "ckpt"),
+        checkpoint.load_arrays(tmp_path / "resumed" / "ckpt"),
+    )
+
+
 def _rows(workdir):
     import json
 
