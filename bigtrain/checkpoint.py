@@ -99,10 +99,15 @@ class Checkpointer:
         self._collect_garbage()
 
     def _readable(self, step: int) -> bool:
+        """The step committed and its metadata and small items parse. (Orbax's item_metadata
+        would also open every array's metadata: ~1 s for 600 arrays, on the training thread.)"""
         try:
             self._manager.reload()
-            self._manager.item_metadata(step)
-            return step in self._manager.all_steps()
+            if step not in self._manager.all_steps():
+                return False
+            root = self.directory / str(step)
+            json.loads((root / "state" / "_METADATA").read_text())
+            return self.read_meta(step) is not None and any((root / "data").iterdir())
         except Exception:  # noqa: BLE001
             return False
 

@@ -6,7 +6,7 @@ Saves the real train state (params + AdamW moments + step + NaN-guard counters),
 iterator and the run metadata through bigtrain's Checkpointer, once with Orbax's async
 checkpointing and once synchronously, into fresh directories. "Blocked" is the time `save()`
 takes to return to the loop; for async the write goes on in the background and is waited for
-(untimed) before the next save, as a loop with a sensible cadence would have it done by then.
+(untimed), then 3 s pass before the next save, as training between two saves would give it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from _bench import host, load, median, train
 from bigtrain import checkpoint
 
 
-def blocked_seconds(directory: pathlib.Path, use_async: bool, state, data_iter, saves: int):
+def blocked_seconds(
+    directory: pathlib.Path, use_async: bool, state, data_iter, saves: int, pause: float = 3.0
+):
     ckpt = checkpoint.Checkpointer(directory, keep=2, use_async=use_async)
     blocked, total = [], []
     for i in range(1, saves + 1):
@@ -33,6 +35,7 @@ def blocked_seconds(directory: pathlib.Path, use_async: bool, state, data_iter, 
         blocked.append(time.perf_counter() - t0)
         ckpt._manager.wait_until_finished()
         total.append(time.perf_counter() - t0)
+        time.sleep(pause)  # training time until the next save: Orbax finalizes meanwhile
     ckpt.close()
     return median(blocked), median(total)
 

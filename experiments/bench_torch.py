@@ -165,7 +165,7 @@ def to_torch(x: np.ndarray, rank: int) -> torch.Tensor:
 
 def bench_row(spec: str, overrides: list[str], repeats: int, budget: float = 1.0) -> dict:
     overrides = BIG_MLP if overrides == ["__mlp_big__"] else overrides
-    config = load(spec, overrides + ["mesh.data=1"])
+    config = load(spec, overrides + ["mesh.data=1", "data.chunk=1"])
     built = train.build_step(config)
     batch = built.data.next_train()
     x, y = np.asarray(batch["x"]), np.asarray(batch["y"])

@@ -44,6 +44,7 @@ def test_round_trip_through_build_reads_the_same_values(tmp_path):
     x, y = _source(tmp_path, 300)
     m = convert.convert(tmp_path / "src.npz", tmp_path / "dst", val_fraction=0.2)
     config = _config(tmp_path / "dst", standardize=False)
+    config.mesh.data = 1  # one device: small batches then travel many to a transfer (chunk)
     data = build(config, sharding.make_mesh(config.mesh))
     assert data.input_shape == (6, 2) and data.num_classes == 4
     assert (data.num_train, data.num_test) == (
