@@ -6,8 +6,9 @@
 
 Variants: model=cnn|mlp|logreg, shuffle=0|1 (a fixed spatial permutation of the signal).
 Measured on a 2-core x86_64 CPU VM (shared with other jobs), jax 0.10.2, 2026-12-03:
-  default (cnn): 94.9% test accuracy (95.3% already at step 1000); 55.9 s wall for the command,
-  of which ~37 s training at ~140 steps/s, 1.8 s compile, the rest start-up.
+  default (cnn): 95.0% test accuracy; 25.9 s wall for the command (2026-12-04, after the
+  input and loop changes in docs/performance.md), ~406 steps/s, 1.7 s compile; 94% is reached
+  in 10.3 s from process start (experiments/time_to_accuracy.py).
   experiments/mnist1d_table.py, seeds 0-2: cnn 94.5 ± 0.3%, mlp 65.0 ± 0.4%, logreg 32.9 ± 0.1%;
   shuffled inputs: cnn 65.1 ± 0.3%, mlp 65.0 ± 1.3%, logreg 32.5 ± 0.5%.
 """

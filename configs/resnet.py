@@ -6,8 +6,8 @@ Variants: variant=cifar|resnet18|resnet50, image=N (side; default 32, use 224 fo
 stems), steps=N.
 Measured on a 2-core x86_64 CPU VM (shared with other jobs), jax 0.10.2, 2026-12-03:
   ResNet-20 (cifar, 272k params), 300 steps at batch 64: 99.6% test accuracy on the synthetic
-  templates; ~1.5 steps/s (98 examples/s; XLA's CPU convolutions are slow, see issue
-  "Performance"); 277 s wall, 13 s of it compile.
+  templates; ~1.5 steps/s (98 examples/s; XLA's CPU convolution backward is slow on these
+  maps, see docs/performance.md); 277 s wall, 13 s of it compile.
 """
 
 from bigtrain.config import base, parse_arg
