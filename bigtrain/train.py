@@ -194,6 +194,7 @@ class _Clock:
         self.paused = 0.0  # eval time, excluded from throughput
         self.data_wait = 0.0  # time the loop waited for the next batch
         self.warned_input_bound = False
+        self.warming_up = True  # the first interval holds the first read-ahead: not a verdict
 
 
 def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict, data) -> dict:
@@ -209,7 +210,9 @@ def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict, data) -> di
             row["perf/data_wait_frac"] = min(clock.data_wait / elapsed, 1.0)
             if clock.flops_per_step and clock.peak:
                 row["perf/mfu"] = clock.flops_per_step * steps / elapsed / clock.peak
-            _warn_if_input_bound(row["perf/data_wait_frac"], clock, config)
+            if not clock.warming_up:
+                _warn_if_input_bound(row["perf/data_wait_frac"], clock, config)
+            clock.warming_up = False
         clock.step, clock.time, clock.paused, clock.data_wait = pending["step"], now, 0.0, 0.0
     skipped = getattr(data, "skipped_records", None)
     if skipped is not None:
