@@ -22,6 +22,12 @@ def test_readme_has_exactly_two_setup_commands():
     assert "pytest" in commands[1]
     ci = (REPO / ".ci/run").read_text()
     assert "<!-- test-command -->" in ci and "eval" in ci
+    # What CI really extracts and runs is the README's test command.
+    printed = subprocess.run(
+        ["bash", str(REPO / ".ci/run"), "--print-command"], capture_output=True, text=True
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == commands[1]
 
 
 def test_readme_main_command_trains(tmp_path):
