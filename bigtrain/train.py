@@ -398,14 +398,14 @@ def _program_stats(compiled, setup) -> dict[str, float]:
         mem = compiled.memory_analysis()
         stats["memory/argument_bytes_per_device"] = float(mem.argument_size_in_bytes)
         stats["memory/temp_bytes_per_device"] = float(mem.temp_size_in_bytes)
-    except (AttributeError, NotImplementedError, RuntimeError):
-        pass
+    except (AttributeError, NotImplementedError, RuntimeError) as e:
+        log.warning("no memory analysis from this backend (%s); memory/* not reported", e)
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         stats["perf/flops_per_step_per_device"] = float(cost.get("flops", 0.0))
-    except (AttributeError, NotImplementedError, RuntimeError):
-        pass
+    except (AttributeError, NotImplementedError, RuntimeError) as e:
+        log.warning("no cost analysis from this backend (%s); perf/mfu not reported", e)
     return stats
 
 

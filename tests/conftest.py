@@ -8,14 +8,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def tiny_config():
+def make_tiny_config():
     """A config that trains in about a second: synthetic inputs, a small MLP, plain SGD."""
     from bigtrain.config import base
 
@@ -38,3 +38,29 @@ def tiny_config():
     c.log_every = 10
     c.checkpoint_every = 20
     return c
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config()
+
+
+def write_config_file(directory: pathlib.Path, config, inject: str = "") -> pathlib.Path:
+    """`config` as a config file the CLI can load (for tests that start fresh processes);
+    `inject` is code that runs when that process imports it (fault injection)."""
+    path = directory / "cfg.py"
+    path.write_text(
+        textwrap.dedent(f"""
+        from ml_collections import ConfigDict
+        from bigtrain.config import base
+
+        def get_config(arg=None):
+            c = base()
+            c.unlock()
+            c.update(ConfigDict({config.to_dict()!r}))
+            c.lock()
+            return c
+    """)
+        + textwrap.dedent(inject)
+    )
+    return path

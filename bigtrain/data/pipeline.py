@@ -344,8 +344,8 @@ class Prefetch(grain.DatasetIterator):
         try:
             self._drop_queue()  # waits for the reads in flight; the threads then exit
             self._pool.shutdown(wait=False, cancel_futures=True)
-        except (AttributeError, TypeError):  # at interpreter exit, modules are torn down
-            pass
+        except (AttributeError, TypeError):
+            return  # called from __del__ at interpreter exit, after modules were torn down
 
 
 class SkipCounter(grain.DatasetIterator):

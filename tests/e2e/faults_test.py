@@ -7,7 +7,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import textwrap
 import time
 
 import jax
@@ -16,29 +15,8 @@ import pytest
 
 from bigtrain import checkpoint, resilience, train
 from bigtrain.config import ConfigError
-from tests.conftest import REPO
+from tests.conftest import REPO, write_config_file
 from tests.e2e.resume_test import _assert_bitwise_equal, _cli
-
-
-def _config_file(tmp_path: pathlib.Path, config, inject: str = "") -> pathlib.Path:
-    """A config file for a subprocess; `inject` runs at import time inside that process."""
-    path = tmp_path / "faulty_cfg.py"
-    path.write_text(
-        textwrap.dedent(f"""
-        from ml_collections import ConfigDict
-        from bigtrain.config import base
-
-        def get_config(arg=None):
-            c = base()
-            c.unlock()
-            c.update(ConfigDict({config.to_dict()!r}))
-            c.lock()
-            return c
-        """)
-        + textwrap.dedent(inject)
-    )
-    return path
-
 
 SLOW_STEPS = """
 import time
@@ -69,7 +47,7 @@ def test_signal_saves_exits_cleanly_and_resumes_exactly(tiny_config, tmp_path, s
     c = tiny_config
     c.total_steps, c.checkpoint_every, c.log_every, c.eval_every = 400, 1000, 5, 0
     train.run(c, tmp_path / "straight")
-    cfg = _config_file(tmp_path, c, SLOW_STEPS)
+    cfg = write_config_file(tmp_path, c, SLOW_STEPS)
     proc = subprocess.Popen(
         _cli(cfg, tmp_path / "run"),
         cwd=REPO,
@@ -253,7 +231,7 @@ def test_watchdog_dumps_stacks_and_exits_on_a_hung_step(tiny_config, tmp_path):
         return _next(self)
     _d.Data.next_train = _hang
     """
-    cfg = _config_file(tmp_path, tiny_config, hang)
+    cfg = write_config_file(tmp_path, tiny_config, hang)
     t0 = time.time()
     proc = subprocess.run(
         _cli(cfg, tmp_path / "run"), cwd=REPO, capture_output=True, text=True, timeout=110
@@ -281,7 +259,7 @@ def test_failed_save_reports_errno_and_keeps_older_checkpoints(tiny_config, tmp_
         return _save(self, *args, **kwargs)
     _c.Checkpointer.save = _limited
     """
-    cfg = _config_file(tmp_path, c, limit)
+    cfg = write_config_file(tmp_path, c, limit)
     proc = subprocess.run(
         _cli(cfg, tmp_path / "run"), cwd=REPO, capture_output=True, text=True, timeout=300
     )

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -19,52 +18,22 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bigtrain import checkpoint
-from bigtrain.config import base
-from tests.conftest import REPO
+from tests.conftest import REPO, make_tiny_config, write_config_file
+from tests.e2e.resume_test import _assert_bitwise_equal
 
 TOTAL, EVERY = 100, 20
 PROGRESS = re.compile(r"\[[#.]{20}\] \d+/\d+ \| loss")
 
 
 def _config():
-    """conftest's tiny_config (synthetic data, MLP 2x32, plain SGD lr 0.05), 100 steps."""
-    c = base()
-    c.data.name = "synthetic"
-    c.data.synthetic_shape = (16,)
-    c.data.synthetic_classes = 4
-    c.data.synthetic_size = 512
-    c.model.name = "mlp"
-    c.model.width = 32
-    c.model.depth = 2
-    c.optim.name = "sgd"
-    c.optim.learning_rate = 0.05
-    c.optim.warmup_steps = 0
-    c.optim.weight_decay = 0.0
-    c.total_steps = TOTAL
-    c.batch_size = 32
-    c.eval_batch_size = 40
-    c.eval_every = 50
-    c.log_every = 10
-    c.checkpoint_every = EVERY
+    """conftest's tiny config (synthetic data, MLP 2x32, plain SGD lr 0.05), 100 steps."""
+    c = make_tiny_config()
+    c.total_steps, c.eval_every, c.checkpoint_every = TOTAL, 50, EVERY
     return c
 
 
 def _config_file(directory):
-    path = directory / "cfg.py"
-    path.write_text(
-        textwrap.dedent(f"""
-        from ml_collections import ConfigDict
-        from bigtrain.config import base
-
-        def get_config(arg=None):
-            c = base()
-            c.unlock()
-            c.update(ConfigDict({_config().to_dict()!r}))
-            c.lock()
-            return c
-    """)
-    )
-    return path
+    return write_config_file(directory, _config())
 
 
 def _env(devices):
@@ -114,14 +83,6 @@ def _rows(workdir):
 
 def _losses(workdir):
     return {r["step"]: r["train/loss"] for r in _rows(workdir) if "train/loss" in r}
-
-
-def _assert_bitwise_equal(a, b):
-    leaves_a, leaves_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
-    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
-    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape, path
-        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -12,25 +11,7 @@ import numpy as np
 import pytest
 
 from bigtrain import checkpoint, train
-from tests.conftest import REPO
-
-
-def _config_file(tmp_path, config):
-    path = tmp_path / "cfg.py"
-    path.write_text(
-        textwrap.dedent(f"""
-        from ml_collections import ConfigDict
-        from bigtrain.config import base
-
-        def get_config(arg=None):
-            c = base()
-            c.unlock()
-            c.update(ConfigDict({config.to_dict()!r}))
-            c.lock()
-            return c
-    """)
-    )
-    return path
+from tests.conftest import REPO, write_config_file
 
 
 def _resume_config(tiny_config):
@@ -74,7 +55,7 @@ def test_resume_in_a_fresh_process_is_bitwise_exact(tiny_config, tmp_path):
     train.run(config, tmp_path / "resumed", stop_at_step=12)
     assert checkpoint.load_arrays(tmp_path / "resumed" / "ckpt")["step"] == 12
     proc = subprocess.run(
-        _cli(_config_file(tmp_path, config), tmp_path / "resumed"),
+        _cli(write_config_file(tmp_path, config), tmp_path / "resumed"),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -121,7 +102,7 @@ def test_kill_9_at_random_moments_then_resume_is_bitwise_exact(tiny_config, tmp_
     config.checkpoint_every = 25
     config.eval_every = 100
     train.run(config, tmp_path / "straight")
-    cfg_path = _config_file(tmp_path, config)
+    cfg_path = write_config_file(tmp_path, config)
     rng = np.random.default_rng(0)
     for _ in range(3):
         proc = subprocess.Popen(
