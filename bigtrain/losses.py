@@ -1,4 +1,7 @@
-"""Losses over integer labels: each returns per-example values (B,) so masking is the caller's."""
+"""Classification losses: each returns per-example values (B,) so masking is the caller's.
+
+Labels are integer classes (B,) or class probabilities (B, C), as mixup/cutmix/onehot make
+them (`data/ops.py`); label smoothing applies to either."""
 
 from __future__ import annotations
 
@@ -7,9 +10,15 @@ import jax.numpy as jnp
 import optax
 
 
-def _targets(labels_B: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-    onehot_BC = jax.nn.one_hot(labels_B, num_classes)
-    return optax.smooth_labels(onehot_BC, smoothing) if smoothing else onehot_BC
+def _targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    soft = labels.ndim == 2
+    targets_BC = labels.astype(jnp.float32) if soft else jax.nn.one_hot(labels, num_classes)
+    return optax.smooth_labels(targets_BC, smoothing) if smoothing else targets_BC
+
+
+def hard_labels(labels: jax.Array) -> jax.Array:
+    """Integer classes (B,): soft labels (B, C) count as their most probable class."""
+    return jnp.argmax(labels, -1) if labels.ndim == 2 else labels
 
 
 def softmax_xent(logits_BC, labels_B, smoothing: float = 0.0):

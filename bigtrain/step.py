@@ -85,7 +85,7 @@ def make_train_step(
         def objective(p):
             logits, new_state = model.apply(p, model_state, x, train=True, rng=rng)
             logits = logits.astype(jnp.float32)
-            correct = jnp.sum(jnp.argmax(logits, -1) == y)
+            correct = jnp.sum(jnp.argmax(logits, -1) == losses.hard_labels(y))
             return loss_fn(logits, y, label_smoothing).sum(), (new_state, correct)
 
         (loss_sum, (new_state, correct)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -178,7 +178,8 @@ def make_eval_step(model: Model, *, loss_name: str):
         logits, _ = model.apply(state["params"], state["model_state"], batch["x"], train=False)
         logits = logits.astype(jnp.float32)
         mask_B = batch["mask"]
-        correct_B = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+        hard_B = losses.hard_labels(batch["y"])
+        correct_B = (jnp.argmax(logits, -1) == hard_B).astype(jnp.float32)
         return {
             "loss": sums["loss"] + jnp.sum(loss_fn(logits, batch["y"]) * mask_B),
             "correct": sums["correct"] + jnp.sum(correct_B * mask_B),

@@ -337,14 +337,18 @@ def _compile_train_step(config: ConfigDict, setup: SimpleNamespace):
     mesh, data = setup.mesh, setup.data
     k = data.chunk  # batches per transfer: the step's input is (k, B, ...) when k > 1
     lead = (k,) if k > 1 else ()
-    shapes = {"x": (*lead, config.batch_size, *data.input_shape), "y": (*lead, config.batch_size)}
+    shapes = {
+        "x": (*lead, config.batch_size, *data.input_shape),
+        "y": (*lead, config.batch_size, *data.label_shape),
+    }
+    y_dtype = np.float32 if data.label_shape else np.int32  # soft labels: class probabilities
     batch_sharding = {
         key: sharding.batch_sharding(mesh, len(shape), chunked=k > 1)
         for key, shape in shapes.items()
     }
     batch_spec = {
         key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding[key])
-        for (key, shape), dtype in zip(shapes.items(), (np.float32, np.int32), strict=True)
+        for (key, shape), dtype in zip(shapes.items(), (np.float32, y_dtype), strict=True)
     }
     t0 = time.perf_counter()
 

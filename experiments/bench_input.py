@@ -4,7 +4,8 @@
     python experiments/bench_input.py --steps 0       # pipeline rows only, no training
 
 Converts synthetic 32x32x3 uint8 images once, then measures in one run:
-  1. raw batched reads (`ArrayRecordDataSource.__getitems__`, shuffled, no decoding),
+  1. raw batched reads (shuffled, no decoding): bigtrain's `RecordReader.read_blobs` (one C++
+     call per shard) and grain's `ArrayRecordDataSource.__getitems__` for reference,
   2. the full train pipeline (batched read + decode + random_crop(pad=4) + flip + standardize)
      with 0, 1 and 2 worker processes,
   3. training with configs/resnet.py and configs/vit.py on the same shards: examples/s and the
@@ -39,20 +40,28 @@ def make_shards(root: pathlib.Path, n: int) -> pathlib.Path:
     return root / "shards"
 
 
-def raw_reads(shards: pathlib.Path, batch: int, batches: int) -> float:
+def raw_reads(shards: pathlib.Path, batch: int, batches: int, via_grain: bool = False) -> float:
+    """Shuffled batched reads of undecoded records: bigtrain's reader, or grain's data source."""
     import grain
 
-    from bigtrain.data import records
+    from bigtrain.config import base
+    from bigtrain.data import sources
 
-    manifest = records.read_manifest(shards)
-    files = [str(shards / s["file"]) for s in manifest["splits"]["train"]["shards"]]
-    source = grain.sources.ArrayRecordDataSource(files)
-    order = np.random.default_rng(0).permutation(len(source))
-    source.__getitems__(order[:batch].tolist())  # open the readers
+    cfg = base().data
+    cfg.name, cfg.path = "arrayrecord", str(shards)
+    reader, _ = sources.load(cfg).readers()
+    if via_grain:
+        source = grain.sources.ArrayRecordDataSource(reader.paths)
+        read = lambda idx: source.__getitems__(idx.tolist())
+    else:
+        read = reader.read_blobs
+    order = np.random.default_rng(0).permutation(len(reader))
+    for shard in range(len(reader.paths)):  # open every shard's reader
+        read(order[reader.starts[shard] : reader.starts[shard] + 1])
     t0 = time.perf_counter()
     for b in range(batches):
         lo = (b * batch) % (len(order) - batch)
-        source.__getitems__(order[lo : lo + batch].tolist())
+        read(order[lo : lo + batch])
     return batches * batch / (time.perf_counter() - t0)
 
 
@@ -122,6 +131,11 @@ def main() -> None:
         print(f"| what (batch {a.batch}, 32x32x3 uint8) | records/s | vs raw reads |")
         print("|---|---|---|")
         print(f"| raw batched ArrayRecord reads | {raw:,.0f} | 1.00 |")
+        grain_raw = raw_reads(shards, a.batch, a.batches, via_grain=True)
+        print(
+            f"| same, via grain's ArrayRecordDataSource | {grain_raw:,.0f} "
+            f"| {grain_raw / raw:.2f} |"
+        )
         rates = {}
         for w in (0, 1, 2):
             rates[w] = pipeline_rate(shards, a.batch, a.batches, w)

@@ -161,12 +161,14 @@ def test_a_bad_record_mid_stream_is_skipped_and_counted(tmp_path, workers):
             strict[step]
 
 
-def test_training_from_converted_shards_learns(tmp_path, tiny_config):
+@pytest.mark.parametrize("mix", ["", "|mixup(0.4)"])
+def test_training_from_converted_shards_learns(tmp_path, tiny_config, mix):
+    """Also with mixup: soft labels (B, K) train through the same losses and step."""
     _source(tmp_path, 600)
     convert.convert(tmp_path / "src.npz", tmp_path / "dst", val_fraction=0.15)
     c = tiny_config
     c.data.name, c.data.path = "arrayrecord", str(tmp_path / "dst")
-    c.data.pp = "random_crop(6, pad=1)|standardize"
+    c.data.pp = "random_crop(6, pad=1)|standardize" + mix
     c.data.pp_eval = "standardize"
     final = bigtrain.run(c, tmp_path / "run")
     assert final["eval/accuracy"] > 0.5  # 4 classes
@@ -186,8 +188,8 @@ def test_config_and_build_errors_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="no val records"):
         build(c, sharding.make_mesh(c.mesh))
     convert.convert(tmp_path / "src.npz", tmp_path / "dst", val_fraction=0.3, overwrite=True)
-    c.data.pp = "onehot|standardize"
-    with pytest.raises(DataError, match="soft labels"):
+    c.data.pp = "onehot(7)|standardize"
+    with pytest.raises(DataError, match="labels of 7 classes but the dataset has 4"):
         build(c, sharding.make_mesh(c.mesh))
     c.data.pp, c.data.pp_eval = "random_crop(4)", "standardize"
     with pytest.raises(DataError, match="center_crop"):

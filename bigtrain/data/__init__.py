@@ -30,6 +30,7 @@ class Data:
     mesh: Mesh
     workers: int = 0
     chunk: int = 1  # consecutive batches per transfer; next_train() serves (chunk, B, ...)
+    label_shape: tuple[int, ...] = ()  # a train label: () an integer class, (K,) probabilities
 
     @property
     def skipped_records(self) -> int:
@@ -79,7 +80,7 @@ def build(config: ConfigDict, mesh: Mesh) -> Data:
         test_reader, eval_ops, global_batch=config.eval_batch_size, strict=dc.strict, **where
     )
     first = train[0]
-    input_shape = _check_shapes(first, test[0], dc)
+    input_shape = _check_shapes(first, test[0], dc, ds.num_classes)
     workers = pipeline.auto_workers(dc.workers)
     chunk = auto_chunk(dc.chunk, first, workers, mesh)
     it = pipeline.iterate(
@@ -100,6 +101,7 @@ def build(config: ConfigDict, mesh: Mesh) -> Data:
         mesh,
         workers,
         chunk,
+        tuple(int(d) for d in first["y"].shape[1:]),
     )
 
 
@@ -127,14 +129,18 @@ def auto_chunk(requested: int, batch: dict, workers: int, mesh: Mesh) -> int:
     return int(np.clip(CHUNK_BYTES // max(size, 1), 1, CHUNK_MAX))
 
 
-def _check_shapes(train: dict, test: dict, dc: ConfigDict) -> tuple[int, ...]:
-    """The model's input shape, from the first batch; train and eval ops must agree on it."""
-    if train["y"].ndim != 1:
-        raise DataError(
-            f"data.pp={dc.pp!r} makes soft labels {train['y'].shape[1:]} (onehot/mixup/cutmix); "
-            "the losses in bigtrain/losses.py take integer labels, so soft-label training is "
-            "not supported yet"
-        )
+def _check_shapes(train: dict, test: dict, dc: ConfigDict, num_classes: int) -> tuple[int, ...]:
+    """The model's input shape, from the first batch; train and eval ops must agree on it.
+    Labels may be integers or class probabilities (onehot/mixup/cutmix) on either side."""
+    for name, batch in (("data.pp", train), ("data.pp_eval", test)):
+        y = batch["y"]
+        if y.ndim == 2 and y.shape[1] != num_classes:
+            raise DataError(
+                f"{name} makes labels of {y.shape[1]} classes but the dataset has {num_classes}; "
+                "drop the class count from onehot(...) or fix it"
+            )
+        if y.ndim not in (1, 2):
+            raise DataError(f"{name} makes labels of shape {y.shape[1:]}; expected () or (K,)")
     shape, eval_shape = train["x"].shape[1:], test["x"].shape[1:]
     if shape != eval_shape:
         raise DataError(

