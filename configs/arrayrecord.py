@@ -11,11 +11,11 @@ Images of any size: convert a folder of class subfolders, then resize in the ops
 `--config.data.pp='decode|resize(36)|random_crop(32)|flip_lr|standardize'
 --config.data.pp_eval='decode|resize(36)|center_crop(32)|standardize'`.
 Variants: path=DIR (required), model=cnn2d|mlp|resnet|vit, steps=N.
-Measured (2-core CPU shared with other jobs, 2026-12): the convert command kept all 1,797 records
-(1,646 train + 151 val by content hash, no bad records; 0.1 s converting, 9 s with start-up); the
-train command ran 1500 steps in 32 s wall, eval accuracy 1.000 on the 151 val records, 5.2k
-examples/s with perf/data_wait_frac 0.79: this tiny model outruns the input pipeline, whose
-shuffle (grain's index_shuffle, ~42 us per index here) caps it near 10-20k records/s.
+Measured (2-core CPU, 2026-12-04): the convert command kept all 1,797 records (1,646 train +
+151 val by content hash, no bad records; 1.5 s with start-up); the train command ran 1500 steps
+in 10.2 s wall, eval accuracy 1.000 on the 151 val records, median 28.5k examples/s with
+perf/data_wait_frac 0.003 (was 5.2k examples/s and 0.79 waiting for data with grain's
+per-record shuffle and data source, before the pipeline changes in docs/data.md).
 """
 
 from bigtrain.config import base, parse_arg

@@ -1,7 +1,9 @@
-"""Converter throughput and peak memory on synthetic records (64 float32 features + a label).
+"""Converter throughput and peak memory on synthetic records (64 float32 features + a label),
+and on a folder of PNG images (one subfolder per class).
 
-    python experiments/bench_convert.py                    # 100k and 1M records
-    python experiments/bench_convert.py --sizes 10000      # quick check
+    python experiments/bench_convert.py                    # 100k and 1M records, 20k PNGs
+    python experiments/bench_convert.py --sizes 100000,1000000,10000000   # 2.5 GB source
+    python experiments/bench_convert.py --sizes 10000 --images 0          # quick check
 
 Each size is written as x.npy/y.npy (in chunks, never whole in memory), then converted in a fresh
 process whose peak RSS comes from os.wait4 (both in children, as Linux carries the parent's peak
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,18 @@ def make_source(root: pathlib.Path, n: int, chunk: int = 100_000) -> None:
     del x, y
 
 
+def make_images(root: pathlib.Path, n: int, classes: int = 10) -> None:
+    """n random 32x32 RGB PNGs in `classes` subfolders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
 def run(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS in MiB and stdout of one child process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
@@ -59,22 +74,26 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="100000,1000000")
+    p.add_argument("--images", type=int, default=20_000, help="PNGs in the folder row; 0 = skip")
     p.add_argument("--shard-size", type=int, default=100_000)
     p.add_argument("--workdir", default=None, help="default: a temporary folder, removed after")
-    p.add_argument("--make-source", nargs=2, metavar=("DIR", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--make-source", nargs=3, metavar=("KIND", "DIR", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.make_source:
-        make_source(pathlib.Path(a.make_source[0]), int(a.make_source[1]))
+        kind, where, n = a.make_source
+        (make_source if kind == "arrays" else make_images)(pathlib.Path(where), int(n))
         return
     sizes = [int(s) for s in a.sizes.split(",")]
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         tmp = pathlib.Path(tmp)
         _, base_rss, _ = run([sys.executable, "-c", "import bigtrain.data.convert"])
         rows = [("import only (baseline)", "-", "-", "-", f"{base_rss:,.0f}")]
-        for n in sizes:
+        jobs = [("arrays", n) for n in sizes] + ([("images", a.images)] if a.images else [])
+        for kind, n in jobs:
+            src, dst = tmp / f"src-{kind}{n}", tmp / f"dst-{kind}{n}"
             # In a child too: a parent's peak RSS would leak into the child's ru_maxrss via exec.
-            run([sys.executable, __file__, "--make-source", str(tmp / f"src{n}"), str(n)])
-            src_mib = sum(f.stat().st_size for f in (tmp / f"src{n}").iterdir()) / 2**20
+            run([sys.executable, __file__, "--make-source", kind, str(src), str(n)])
+            src_mib = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / 2**20
             code = (
                 "import json, time, sys; from bigtrain.data import convert; "
                 "t = time.perf_counter(); "
@@ -83,17 +102,16 @@ def main() -> None:
                 "m['splits']['train']['records'] + m['splits']['val']['records'], "
                 "'dropped': m['cleaning']['dropped']}))"
             )
-            _, rss, out = run(
-                [sys.executable, "-c", code, str(tmp / f"src{n}"), str(tmp / f"d{n}")]
-            )
+            _, rss, out = run([sys.executable, "-c", code, str(src), str(dst)])
             r = json.loads(out.strip().splitlines()[-1])
+            what = "records" if kind == "arrays" else "PNG files, 32x32 RGB"
             rows.append(
-                (f"{n:,} records ({src_mib:,.0f} MiB source)", f"{r['secs']:.1f}",
+                (f"{n:,} {what} ({src_mib:,.0f} MiB source)", f"{r['secs']:.1f}",
                  f"{n / r['secs']:,.0f}", f"{r['dropped']:,}", f"{rss:,.0f}")
             )  # fmt: skip
-            for f in (tmp / f"src{n}").iterdir():
-                f.unlink()
-    print("| conversion | seconds | records/s | dropped (NaN) | peak RSS MiB |")
+            shutil.rmtree(src)
+            shutil.rmtree(dst)
+    print("| conversion | seconds | records/s | dropped | peak RSS MiB |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

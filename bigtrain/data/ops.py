@@ -205,20 +205,31 @@ def onehot(num_classes: int | None = None) -> Op:
     return op
 
 
+def _partners(n: int) -> np.ndarray:
+    """Row r mixes with row r ^ 1 (0<->1, 2<->3, ...; an odd last row with itself). The order
+    is already shuffled, so these are random pairs, and with an even local batch they are the
+    same pairs whatever the process count (the batch reversed would not be)."""
+    partner = np.arange(n) ^ 1
+    if n % 2:
+        partner[-1] = n - 1
+    return partner
+
+
 def mixup(alpha: float = 0.2) -> Op:
-    """Mixes each row with the local batch reversed, ratio ~ Beta(alpha, alpha) per batch."""
+    """Mixes row pairs (see `_partners`) with one ratio ~ Beta(alpha, alpha) per global batch."""
 
     def op(batch: Batch, ctx: Context) -> Batch:
         x = _images(batch, ctx).astype(np.float32)
         y = _soft(batch["y"], ctx.env.num_classes)
         lam = np.float32(ctx.rng().beta(alpha, alpha))
-        return {**batch, "x": lam * x + (1 - lam) * x[::-1], "y": lam * y + (1 - lam) * y[::-1]}
+        p = _partners(len(x))
+        return {**batch, "x": lam * x + (1 - lam) * x[p], "y": lam * y + (1 - lam) * y[p]}
 
     return op
 
 
 def cutmix(alpha: float = 1.0) -> Op:
-    """Pastes a box of the reversed local batch into each row; labels mix by area."""
+    """Pastes a box of its partner row (see `_partners`) into each row; labels mix by area."""
 
     def op(batch: Batch, ctx: Context) -> Batch:
         x = _images(batch, ctx).copy()
@@ -233,9 +244,10 @@ def cutmix(alpha: float = 1.0) -> Op:
         h, w = x.shape[1:3]
         bh, bw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
         top, left = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
-        x[:, top : top + bh, left : left + bw] = x[::-1, top : top + bh, left : left + bw]
+        p = _partners(len(x))
+        x[:, top : top + bh, left : left + bw] = x[p, top : top + bh, left : left + bw]
         area = np.float32(bh * bw / (h * w))
-        return {**batch, "x": x, "y": (1 - area) * y + area * y[::-1]}
+        return {**batch, "x": x, "y": (1 - area) * y + area * y[p]}
 
     return op
 
@@ -314,9 +326,9 @@ class Chain:
             batch = self._patch(op(batch, ctx), ctx, reported, on_bad)
         x = _images(batch, ctx)
         batch = self._patch({**batch, "x": x}, ctx, reported, on_bad)
-        batch["x"] = batch["x"].astype(np.float32)
+        batch["x"] = batch["x"].astype(np.float32, copy=False)  # no copy when already float32
         y = batch["y"]
-        batch["y"] = y.astype(np.int32) if y.ndim == 1 else y.astype(np.float32)
+        batch["y"] = y.astype(np.int32 if y.ndim == 1 else np.float32, copy=False)
         return batch
 
     @staticmethod

@@ -175,3 +175,44 @@ def test_load_arrays_reads_a_multiprocess_checkpoint(runs):
     _assert_bitwise_equal(
         checkpoint.load_arrays(runs["two"] / "ckpt"), _load_state(runs["two"] / "ckpt")
     )
+
+
+def test_uneven_converted_shards_over_two_processes_equal_one_process(tmp_path):
+    """Converted shards whose train and val counts do not divide over the processes: both
+    processes finish (no host waits on a missing eval batch), augmentation agrees, every val
+    record is evaluated once, and the run equals one process with two devices."""
+    from bigtrain.data import convert
+
+    rng = np.random.default_rng(0)
+    templates = rng.standard_normal((4, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 4, 217)
+    x = (0.5 * templates[y] + rng.standard_normal((217, 6, 2))).astype(np.float32)
+    np.savez(tmp_path / "src.npz", x=x, y=y)
+    manifest = convert.convert(tmp_path / "src.npz", tmp_path / "dst", val_fraction=0.2)
+    n_val = manifest["splits"]["val"]["records"]
+    # 165 train records: odd; 52 val: the last eval batch of 10 (5 per process) holds 2 real
+    # rows, all on process 0, so process 1 evaluates padding only.
+    assert manifest["splits"]["train"]["records"] % 2 and n_val % 10 in (1, 2, 3, 4)
+    c = _config()
+    c.data.name, c.data.path = "arrayrecord", str(tmp_path / "dst")
+    c.data.pp, c.data.pp_eval = "random_crop(4, pad=1)|flip_lr|standardize", "center_crop(4)"
+    c.batch_size, c.eval_batch_size = 16, 10
+    c.total_steps, c.eval_every, c.checkpoint_every = 30, 15, 0
+    cfg = write_config_file(tmp_path, c)
+    _finish(_two_processes(cfg, tmp_path / "two"))
+    cmd = [sys.executable, "-m", "bigtrain.main", "--config", str(cfg)]
+    one = subprocess.run(
+        [*cmd, "--workdir", tmp_path / "one"],
+        cwd=REPO,
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    evals = lambda w: [(r["eval/count"], r["eval/accuracy"]) for r in _rows(w) if "eval/count" in r]
+    assert [count for count, _ in evals(tmp_path / "two")] == [n_val, n_val]
+    np.testing.assert_allclose(evals(tmp_path / "two"), evals(tmp_path / "one"), rtol=1e-5)
+    one_losses, two_losses = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert list(one_losses) == list(two_losses) == [10, 20, 30]
+    np.testing.assert_allclose(list(two_losses.values()), list(one_losses.values()), rtol=1e-5)
