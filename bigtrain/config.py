@@ -57,7 +57,9 @@ def base() -> ConfigDict:
     c.data.read_threads = 2
     c.data.prefetch = 4
     c.data.path = ""  # arrayrecord: the DST folder of `python -m bigtrain.data.convert SRC DST`
-    c.data.pp = ""  # train ops, e.g. "resize(32)|flip_lr|standardize"; "" = decode|standardize
+    c.data.pp = (
+        ""  # train ops, e.g. "decode|resize(32)|flip_lr|standardize"; "" = decode|standardize
+    )
     c.data.pp_eval = ""  # eval ops; "" = decode|standardize
     # Consecutive batches per host->device transfer; the step picks its row on the device.
     # -1 = automatic (as many as fit in 16 MiB, <= 256; 1 with workers); 1 = one batch each.

@@ -284,3 +284,86 @@ def test_nifti_volumes_with_masks(tmp_path):
     for x, mask in zip(batch["x"], batch["segmentation"], strict=True):
         i = next(i for i in vols if np.array_equal(vols[i][..., None], x))
         np.testing.assert_array_equal(mask, vols[i] > 0)
+
+
+def test_a_kill_while_finishing_resumes_and_overwrite_checks_the_source_first(
+    tmp_path, monkeypatch
+):
+    x, y = _arrays(tmp_path, n=300)
+    np.savez(tmp_path / "src.npz", x=x, y=y)
+    original = convert._atomic_write
+
+    def dying(path, text):
+        if path.name == records.REPORT:  # the shards are in DST already, the manifest is not
+            raise KeyboardInterrupt
+        original(path, text)
+
+    monkeypatch.setattr(convert, "_atomic_write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(tmp_path / "src.npz", tmp_path / "dst", shard_size=100)
+    monkeypatch.setattr(convert, "_atomic_write", original)
+    assert list((tmp_path / "dst").glob("*.array_record"))
+    m = convert.convert(tmp_path / "src.npz", tmp_path / "dst", shard_size=100)
+    assert m["splits"]["train"]["records"] + m["splits"]["val"]["records"] == 300
+    # A wrong option with --overwrite fails before it deletes the finished conversion.
+    with pytest.raises(DataError, match="--format folder needs a folder"):
+        convert.convert(tmp_path / "src.npz", tmp_path / "dst", fmt="folder", overwrite=True)
+    assert records.read_manifest(tmp_path / "dst") == m
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(x=1, y=1, mask=1, x_val=1, y_val=1), "masks .*:mask but none for the val split"),
+        (dict(x=1, y=1, x_val=1), "labels .*:y but none for the val split"),
+        (dict(x=1, x_val=1, y_val=1), "labels .*:y_val but none for the train split"),
+        (dict(x=1, y=1, x_val="f8", y_val=1), "x_val is float64 but .*:x is float32"),
+    ],
+)
+def test_splits_of_an_npz_must_hold_the_same_arrays(tmp_path, arrays, match):
+    rng = np.random.default_rng(0)
+    made = {
+        "x": rng.standard_normal((20, 4, 4, 1)).astype(np.float32),
+        "y": rng.integers(0, 3, 20),
+        "mask": rng.integers(0, 2, (20, 4, 4)),
+    }
+    out = {}
+    for name, how in arrays.items():
+        base = made[name.removesuffix("_val")]
+        out[name] = base.astype(how) if how != 1 else base
+    np.savez(tmp_path / "s.npz", **out)
+    with pytest.raises(DataError, match=match):
+        convert.convert(tmp_path / "s.npz", tmp_path / "dst")
+
+
+def test_images_of_one_size_record_it_16_bit_is_reported_and_train_alone_is_the_root(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "src" / "train"  # train/ with no val/ beside it: the classes are inside
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            (root / c / f"{i}.png").write_bytes(_png(rng, (6, 5)))
+    Image.fromarray(rng.integers(0, 65536, (6, 5), dtype=np.uint16)).save(root / "dog" / "d.png")
+    m = convert.convert(tmp_path / "src", tmp_path / "dst", val_fraction=0.2)
+    assert m["class_names"] == ["cat", "dog"]
+    assert m["features"]["x"]["shape"] == [6, 5, 3]  # all kept images agree: no resize needed
+    report = json.loads((tmp_path / "dst" / records.REPORT).read_text())
+    assert [(r["path"], r["rule"]) for r in report["records"]] == [
+        ("train/dog/d.png", "undecodable")
+    ]
+    assert "more than 8 bits" in report["records"][0]["reason"]
+
+
+def test_csv_with_a_byte_order_mark_blank_lines_and_huge_labels(tmp_path):
+    lines = ["label,height,width", "0,1,2", "", "1,x,3", "3000000000,1,1", '1,"4",5', "1e30,1,1"]
+    (tmp_path / "t.csv").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    m = convert.convert(tmp_path / "t.csv", tmp_path / "dst", val_fraction=0)
+    assert m["source"]["records"] == 5  # the blank line is not a record
+    report = json.loads((tmp_path / "dst" / records.REPORT).read_text())
+    reasons = {r["path"]: (r["rule"], r["reason"]) for r in report["records"]}
+    assert reasons["t.csv:4"] == ("undecodable", "column 'height' value 'x' is not a number")
+    assert reasons["t.csv:5"][0] == "label_out_of_range"  # > 2^20 classes without --num-classes
+    assert reasons["t.csv:7"] == ("label_out_of_range", "label '1e30' is too large")
+    assert m["num_classes"] == 2 and m["splits"]["train"]["class_counts"] == [1, 1]

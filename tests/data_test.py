@@ -176,3 +176,25 @@ def test_stream_order_is_a_permutation_for_any_size():
         np.testing.assert_array_equal(pipeline.stream_indices(1000, 5, 300, 1500), table)
     finally:
         pipeline._TABLE_MAX = limit
+
+
+def test_eval_padding_never_reads_or_reports_a_bad_record_0():
+    """7 records over 2 processes, eval batch 4: process 1's rows of the last batch are all
+    padding. A damaged record 0 is reported once (where it is real) and nowhere else."""
+
+    class Damaged0(pipeline.ArrayReader):
+        def read(self, idx):
+            batch, _ = super().read(idx)
+            return batch, {r: "damaged" for r, i in enumerate(idx) if i == 0}
+
+    x = np.arange(14, dtype=np.float32).reshape(7, 2)
+    reader = Damaged0(x, np.zeros(7, np.int32))
+    skipped, masks = 0, []
+    for p in range(2):
+        for b in pipeline.eval_dataset(
+            reader, IDENTITY, global_batch=4, process_index=p, process_count=2
+        ):
+            skipped += int(b["skipped"])
+            masks.append(b["mask"].tolist())
+    assert skipped == 1
+    assert masks == [[0.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]

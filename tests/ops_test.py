@@ -123,3 +123,23 @@ def test_decode_resize_and_bad_images_are_replaced_and_reported():
         "decode|standardize", {"x": blobs, "y": np.arange(4)}, global_batch=4, rows=slice(0, 4)
     )
     assert sorted(bad) == [1, 2] and "shape" in bad[1]  # the odd size is skipped too
+
+
+def test_mixing_ops_never_mix_in_a_bad_row_and_flip_needs_a_spatial_axis():
+    rng = np.random.default_rng(0)
+    x = [rng.uniform(0, 1, (4, 4, 3)).astype(np.float32) for _ in range(4)]
+    x[0] = np.ones((5, 4, 3), np.float32)  # the odd shape: marked bad when the batch is stacked
+    batch = {"x": x, "y": np.arange(4)}
+    for spec in ("mixup(1.0)", "cutmix(1.0)"):
+        out, bad = _run(spec, batch, global_batch=4, rows=slice(0, 4))
+        assert list(bad) == [0]
+        # Row 0 was replaced by row 1 before mixing: rows 0 and 1 hold the same pair, and no
+        # row's label has any weight on class 0 (the bad record's).
+        np.testing.assert_array_equal(out["x"][0], out["x"][1])
+        assert (out["y"][:, 0] == 0).all(), spec
+    with pytest.raises(DataError, match="flip_lr mirrors a spatial axis"):
+        _run("flip_lr", {"x": np.ones((8, 3), np.float32), "y": np.arange(8) % 4})
+    with pytest.raises(DataError, match="start data.pp and data.pp_eval with decode"):
+        _run("flip_lr", {"x": [b"png bytes"] * 8, "y": np.arange(8) % 4})
+    with pytest.raises(DataError, match="2 axes"):
+        _run("random_crop(3, 3)", {"x": np.ones((8, 5, 5, 5, 1), np.float32), "y": np.zeros(8)})

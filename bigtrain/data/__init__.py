@@ -54,11 +54,12 @@ def build(config: ConfigDict, mesh: Mesh) -> Data:
     stats = ds.statistics() if dc.standardize else Standardizer.identity(ds.channels)
     env = ops.Env(stats.mean, stats.std, ds.num_classes, ds.channels)
     default = "decode|standardize"
-    if None in ds.input_shape and "resize" not in (dc.pp + dc.pp_eval):
-        raise DataError(
-            f"the images in {dc.path} vary in size; add resize(H, W) to data.pp and data.pp_eval, "
-            "e.g. decode|resize(32)|standardize"
-        )
+    for key in ("pp", "pp_eval"):
+        if None in ds.input_shape and "resize" not in (dc[key] or default):
+            raise DataError(
+                f"the images in {dc.path} vary in size, so data.{key} needs a resize: e.g. "
+                "decode|resize(32)|standardize (data.pp and data.pp_eval both need one)"
+            )
     train_ops = ops.Chain(dc.pp or default, env)
     eval_ops = ops.Chain(dc.pp_eval or default, env)
     train_reader, test_reader = ds.readers()

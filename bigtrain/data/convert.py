@@ -37,6 +37,7 @@ RULES = {
     "duplicate": "exact duplicate",
     "cross_split_duplicate": "duplicate across train/val",
 }
+MAX_CLASSES = 1 << 20  # without --num-classes, larger labels are out of range (histograms)
 _BUFFER = 1 << 16  # hashes kept unsorted before merging into the sorted array
 
 
@@ -88,6 +89,19 @@ class _Moments:
     def state(self) -> dict:
         as_list = lambda a: None if a is None else a.tolist()
         return {"n": self.n, "mean": as_list(self.mean), "m2": as_list(self.m2)}
+
+
+class _ImageShape:
+    """The one shape every kept image has, or "varies" (None: no image yet)."""
+
+    def __init__(self, value: list[int] | str | None):
+        self.value = value
+
+    def add(self, shape: tuple[int, ...]) -> None:
+        if self.value is None:
+            self.value = list(shape)
+        elif self.value != "varies" and self.value != list(shape):
+            self.value = "varies"
 
 
 class _Shards:
@@ -150,7 +164,8 @@ def convert(
         raise DataError(f"DST {dst} is inside SRC {src}; write the conversion somewhere else")
     if not (shard_size > 0 and 0 <= val_fraction < 1):
         raise DataError("--shard-size must be > 0 and --val-fraction in [0, 1)")
-    _prepare(dst, overwrite)
+    # The source is opened (and its format checked) before DST is touched: a wrong option
+    # with --overwrite must not delete a finished conversion.
     source = readers.open_source(
         src,
         fmt,
@@ -159,6 +174,7 @@ def convert(
         channels=channels,
         masks=pathlib.Path(masks).absolute() if masks else None,
     )
+    _prepare(dst, overwrite)
     layout = Layout(source.features)
     options = dict(
         fmt=source.kind,
@@ -175,6 +191,7 @@ def convert(
     shards = {s: _Shards(work, s, journal["shards"].get(s, [])) for s in ("train", "val")}
     seen = {s: _HashSet(_read_hashes(work, s, journal["hashes"].get(s, 0))) for s in shards}
     moments = _Moments(journal["moments"])
+    shape = _ImageShape(journal.get("image_shape"))
     counts = {s: _int_keys(journal["class_counts"].get(s, {})) for s in shards}
     bad_log = open(work / "bad.jsonl", "a+b")  # noqa: SIM115 - closed in the finally below
     bad_log.truncate(journal["bad_bytes"])
@@ -202,7 +219,7 @@ def convert(
                 shards[splits[i]].write(records.pop(i))
                 pending.append(i)
                 if shards[splits[i]].count >= shard_size:
-                    _account(chunk, pending, splits, hashes, moments, counts, hash_logs)
+                    _account(chunk, pending, splits, hashes, moments, shape, counts, hash_logs)
                     pending = []
                     _checkpoint(
                         work,
@@ -210,19 +227,22 @@ def convert(
                         position + i + 1,
                         shards,
                         moments,
+                        shape,
                         counts,
                         bad_log,
                         hash_logs,
                     )
-            _account(chunk, pending, splits, hashes, moments, counts, hash_logs)
+            _account(chunk, pending, splits, hashes, moments, shape, counts, hash_logs)
             position += n
             bar.update(position)
-        _checkpoint(work, fingerprint, position, shards, moments, counts, bad_log, hash_logs)
+        _checkpoint(work, fingerprint, position, shards, moments, shape, counts, bad_log, hash_logs)
     finally:
         bad_log.close()
         for f in hash_logs.values():
             f.close()
     bar.done()
+    if shape.value not in (None, "varies"):  # every image has this shape: no resize needed
+        layout.features["x"]["shape"] = shape.value
     return _finish(
         src, dst, work, source, layout, shards, moments, counts, options, time.perf_counter() - t0
     )
@@ -246,10 +266,15 @@ def _clean(chunk, layout, seen, num_classes, val_fraction):
                 bad = int((~np.isfinite(chunk.x[i])).sum())
                 rules[i], reasons[i] = "non_finite", f"{bad} NaN/Inf values in the input"
     if chunk.y is not None:
-        out = (chunk.y < 0) | ((chunk.y >= num_classes) if num_classes else False)
+        top = num_classes or MAX_CLASSES
+        out = (chunk.y < 0) | (chunk.y >= top)
         for i in np.flatnonzero(out):
             if rules[i] is None:
-                valid = f"0..{num_classes - 1}" if num_classes else ">= 0"
+                valid = (
+                    f"0..{num_classes - 1}"
+                    if num_classes
+                    else f"0..{MAX_CLASSES - 1:,} (pass --num-classes for more)"
+                )
                 rules[i], reasons[i] = "label_out_of_range", f"label {chunk.y[i]}; valid: {valid}"
     hashes = _hashes(chunk)
     if chunk.split:
@@ -293,7 +318,7 @@ def _encode(chunk, rows, layout) -> list[bytes]:
     return layout.encode(fixed, encoded)
 
 
-def _account(chunk, rows, splits, hashes, moments, counts, hash_logs) -> None:
+def _account(chunk, rows, splits, hashes, moments, shape, counts, hash_logs) -> None:
     """Counts written rows: statistics, class counts and the hashes of what the shards hold."""
     train = [i for i in rows if splits[i] == "train"]
     for split, log in hash_logs.items():
@@ -301,6 +326,8 @@ def _account(chunk, rows, splits, hashes, moments, counts, hash_logs) -> None:
     if chunk.pixels is not None:
         for i in train:
             moments.add(chunk.pixels[i].reshape(-1, chunk.pixels[i].shape[-1]))
+        for i in rows:
+            shape.add(chunk.pixels[i].shape)
     elif train:
         x = chunk.x[train]
         moments.add(x.reshape(-1, x.shape[-1] if x.ndim > 1 else 1))
@@ -362,7 +389,7 @@ def _read_hashes(work: pathlib.Path, split: str, count: int) -> np.ndarray:
     return np.fromfile(file, np.uint64, count)
 
 
-def _checkpoint(work, fingerprint, position, shards, moments, counts, bad_log, hash_logs):
+def _checkpoint(work, fingerprint, position, shards, moments, shape, counts, bad_log, hash_logs):
     for s in shards.values():
         s.close()
     bad_log.flush()
@@ -374,6 +401,7 @@ def _checkpoint(work, fingerprint, position, shards, moments, counts, bad_log, h
         "shards": {k: s.done for k, s in shards.items()},
         "hashes": {k: f.tell() // 8 for k, f in hash_logs.items()},
         "moments": moments.state(),
+        "image_shape": shape.value,
         "class_counts": counts,
         "bad_bytes": bad_log.tell(),
     }
@@ -392,13 +420,20 @@ def _finish(src, dst, work, source, layout, shards, moments, counts, options, se
     labels = [k for c in counts.values() for k in c]
     k = source.num_classes or (max(labels) + 1 if labels else None)
     if moments.mean is None:
-        raise DataError(f"no train record of {src} survived cleaning; see the report entries")
+        if not source.total:
+            raise DataError(f"{src} holds no records; nothing to convert")
+        raise DataError(
+            f"none of the {source.total:,} records of {src} made it into the train split "
+            f"({len(bad):,} dropped: {', '.join(f'{n} {r}' for r, n in by_rule.items() if n)}; "
+            f"listed in {work / 'bad.jsonl'}); fix the source or the options"
+        )
     std = np.sqrt(moments.m2 / max(moments.n, 1))
     splits = {}
     for name, s in shards.items():
-        for shard in s.done:
-            os.replace(work / shard["file"], dst / shard["file"])
-        hist = [counts[name].get(c, 0) for c in range(k)] if k else []
+        for shard in s.done:  # a rerun after a kill in here finds some moved already
+            if (work / shard["file"]).exists() or not (dst / shard["file"]).exists():
+                os.replace(work / shard["file"], dst / shard["file"])
+        hist = [counts[name].get(c, 0) for c in range(k)] if k else []  # k <= MAX_CLASSES
         splits[name] = {
             "records": sum(sh["records"] for sh in s.done),
             "shards": s.done,

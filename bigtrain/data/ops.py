@@ -45,6 +45,11 @@ class Context:
     env: Env
     bad: dict[int, str] = dataclasses.field(default_factory=dict)
     op_index: int = 0
+    padding: frozenset[int] = frozenset()  # eval rows past the end: never reported or counted
+
+    def real_bad(self) -> dict[int, str]:
+        """The bad rows that hold real records."""
+        return {r: why for r, why in self.bad.items() if r not in self.padding}
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.step, self.op_index])
@@ -62,6 +67,11 @@ def _images(batch: Batch, ctx: Context) -> np.ndarray:
     x = batch["x"]
     if isinstance(x, np.ndarray):
         return x
+    if any(isinstance(xi, bytes) for xi in x):
+        raise DataError(
+            "the inputs are still encoded images (PNG/JPEG bytes); start data.pp and "
+            "data.pp_eval with decode, e.g. decode|resize(32)|standardize"
+        )
     good = [i for i in range(len(x)) if i not in ctx.bad]
     shapes = collections.Counter(x[i].shape for i in good)
     if not shapes:
@@ -145,10 +155,15 @@ def _crop_op(size: tuple[int, ...], pad: int, random: bool) -> Op:
         x = _images(batch, ctx)
         spatial = x.shape[1:-1]
         target = size * len(spatial) if len(size) == 1 else size
+        if len(target) != len(spatial):
+            raise DataError(
+                f"cannot crop {tuple(target)} ({len(target)} axes) from inputs of spatial "
+                f"shape {spatial} ({len(spatial)} axes); give one size or one per axis"
+            )
         if pad:
             x = np.pad(x, [(0, 0)] + [(pad, pad)] * len(spatial) + [(0, 0)])
         room = np.array(x.shape[1:-1]) - np.array(target)
-        if len(target) != len(spatial) or (room < 0).any():
+        if (room < 0).any():
             raise DataError(f"cannot crop {tuple(target)} from inputs of spatial shape {spatial}")
         if random:
             starts = np.floor(ctx.uniform(len(target)) * (room + 1)).astype(np.int64)
@@ -173,6 +188,11 @@ def flip_lr(p: float = 0.5) -> Op:
 
     def op(batch: Batch, ctx: Context) -> Batch:
         x = _images(batch, ctx).copy()
+        if x.ndim < 3:
+            raise DataError(
+                f"flip_lr mirrors a spatial axis; inputs of shape {x.shape[1:]} have none "
+                "(tabular features): drop flip_lr from data.pp"
+            )
         flip = ctx.uniform() < p
         x[flip] = x[flip][..., ::-1, :]
         return {**batch, "x": x}
@@ -225,6 +245,7 @@ def mixup(alpha: float = 0.2) -> Op:
         p = _partners(len(x))
         return {**batch, "x": lam * x + (1 - lam) * x[p], "y": lam * y + (1 - lam) * y[p]}
 
+    op.mixes_rows = True
     return op
 
 
@@ -249,6 +270,7 @@ def cutmix(alpha: float = 1.0) -> Op:
         area = np.float32(bh * bw / (h * w))
         return {**batch, "x": x, "y": (1 - area) * y + area * y[p]}
 
+    op.mixes_rows = True
     return op
 
 
@@ -323,6 +345,8 @@ class Chain:
         batch = self._patch(batch, ctx, reported, on_bad)
         for i, (_, op) in enumerate(self.ops):
             ctx.op_index = i
+            if getattr(op, "mixes_rows", False):  # stack and patch first: never mix in a bad row
+                batch = self._patch({**batch, "x": _images(batch, ctx)}, ctx, reported, on_bad)
             batch = self._patch(op(batch, ctx), ctx, reported, on_bad)
         x = _images(batch, ctx)
         batch = self._patch({**batch, "x": x}, ctx, reported, on_bad)
@@ -336,11 +360,15 @@ class Chain:
         new = {r: why for r, why in ctx.bad.items() if r not in reported}
         if not new:
             return batch
-        on_bad(new)
+        real_new = {r: why for r, why in new.items() if r not in ctx.padding}
+        if real_new:
+            on_bad(real_new)
         reported.update(new)
         n = len(batch["y"])
         good = [r for r in range(n) if r not in ctx.bad]
         if not good:
+            if not ctx.real_bad():  # only eval padding, masked out: nothing to replace it with
+                return batch
             raise DataError(f"every record of global batch {ctx.step} is unreadable: {new}")
         out = dict(batch)
         for key, value in batch.items():

@@ -211,14 +211,18 @@ class _Gather:
         self.rows = slice(process_index * local, (process_index + 1) * local)
 
     def __call__(self, step: int, idx: np.ndarray) -> Batch:
-        real = None
+        real, padding = None, frozenset()
         if self.limit is not None:
             real = idx < self.limit
-            idx = np.where(real, idx, 0)
+            # Padding repeats the global batch's first record, which is always real.
+            idx = np.where(real, idx, step * self.global_batch)
+            padding = frozenset(np.flatnonzero(~real).tolist())
         batch, bad = self.reader.read(idx)
         if real is not None:
             batch["mask"] = real.astype(np.float32)
-        ctx = ops.Context(self.seed, step, self.rows, self.global_batch, self.chain.env, bad)
+        ctx = ops.Context(
+            self.seed, step, self.rows, self.global_batch, self.chain.env, bad, padding=padding
+        )
 
         def on_bad(rows: dict[int, str]) -> None:
             for r, why in rows.items():
@@ -230,7 +234,7 @@ class _Gather:
                     log.warning("skipping %s: %s (counted in data/skipped_records)", where, why)
 
         batch = self.chain(batch, ctx, on_bad)
-        batch["skipped"] = np.int64(len(ctx.bad))
+        batch["skipped"] = np.int64(len(ctx.real_bad()))
         return batch
 
 

@@ -55,6 +55,10 @@ def open_source(src: pathlib.Path, fmt: str, **kw) -> Source:
     openers = {"arrays": arrays, "csv": csv_table, "folder": folder}
     if fmt not in openers:
         raise DataError(f"unknown --format {fmt!r}; known: auto, {', '.join(openers)}")
+    if fmt == "folder" and not src.is_dir():
+        raise DataError(f"--format folder needs a folder; {src} is a file (try --format auto)")
+    if fmt == "csv" and not src.is_file():
+        raise DataError(f"--format csv needs a .csv file; {src} is a folder (try --format auto)")
     return openers[fmt](src, **kw)
 
 
@@ -144,9 +148,25 @@ def arrays(src: pathlib.Path, *, num_classes: int | None = None, chunk: int = 81
             raise DataError(f"{ys.label} has shape {ys.shape}; labels must be one integer per row")
         streams[split] = (xs, ys, ms)
     first_x, first_y, first_m = streams["train"]
-    for split, (xs, _, _) in streams.items():
+    for split, (xs, ys, ms) in streams.items():
         if xs.shape[1:] != first_x.shape[1:]:
             raise DataError(f"{split} inputs have shape {xs.shape[1:]}, train {first_x.shape[1:]}")
+        if xs.dtype != first_x.dtype:  # a cast could overflow or wrap, and hashes would differ
+            raise DataError(
+                f"{xs.label} is {xs.dtype} but {first_x.label} is {first_x.dtype}; save every "
+                "split's inputs with the same dtype"
+            )
+        for what, a, b in (("labels", ys, first_y), ("masks", ms, first_m)):
+            if (a is None) != (b is None):
+                have, lack = (a, "train") if a is not None else (b, split)
+                raise DataError(
+                    f"{src} has {what} {have.label} but none for the {lack} split; save "
+                    f"{what} for every split or for none"
+                )
+        if ms is not None and ms.shape[1:] != first_m.shape[1:]:
+            raise DataError(
+                f"{ms.label} has shape {ms.shape[1:]} but {first_m.label} {first_m.shape[1:]}"
+            )
     features = {"x": _raw(first_x.dtype, first_x.shape[1:])}
     if first_y is not None:
         features["y"] = _raw(np.int32, ())
@@ -176,13 +196,21 @@ def _raw(dtype, shape) -> dict[str, Any]:
 
 def _labels(y: np.ndarray, errors: dict[int, tuple[str, str]]) -> np.ndarray:
     """int64 labels; a label that is not an integer is an error (range is checked later)."""
-    if np.issubdtype(y.dtype, np.integer) or y.dtype == bool:
+    if y.dtype == bool or (np.issubdtype(y.dtype, np.integer) and y.dtype.itemsize < 8):
         return y.astype(np.int64)
     yf = y.astype(np.float64)
-    ok = np.isfinite(yf) & (yf == np.round(yf))
+    ok = np.isfinite(yf) & (yf == np.round(yf)) & (np.abs(yf) < 2.0**62)
     for i in np.flatnonzero(~ok):
-        errors.setdefault(int(i), ("label_out_of_range", f"label {y[i]!r} is not an integer"))
-    return np.where(ok, yf, -1).astype(np.int64)
+        why = (
+            "is too large"
+            if np.isfinite(yf[i]) and yf[i] == np.round(yf[i])
+            else "is not an integer"
+        )
+        errors.setdefault(int(i), ("label_out_of_range", f"label {y[i].item()!r} {why}"))
+    exact = y if np.issubdtype(y.dtype, np.integer) else yf  # int64/uint64: not via float
+    out = np.where(ok, exact, 0).astype(np.int64)
+    out[~ok] = -1
+    return out
 
 
 def _mask(m: np.ndarray, errors: dict[int, tuple[str, str]]) -> np.ndarray:
@@ -207,9 +235,19 @@ def csv_table(
     **_,
 ) -> Source:
     delimiter = "\t" if src.suffix.lower() == ".tsv" else ","
-    with open(src, newline="") as f:
+
+    def records(f) -> Iterator[tuple[int, list[str]]]:
+        """(line number, fields) of each record; blank lines are not records. Line numbers
+        come from the csv reader, so quoted fields spanning lines keep them right."""
+        rows = csv.reader(f, delimiter=delimiter)
+        next(rows, None)  # the header
+        for row in rows:
+            if row:
+                yield rows.line_num, row
+
+    # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+    with open(src, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f, delimiter=delimiter), None)
-        total = sum(1 for _ in f)
     if not header:
         raise DataError(f"{src} is empty; the first line must name the columns")
     if label_column not in header:
@@ -217,17 +255,18 @@ def csv_table(
             f"{src} has no label column {label_column!r} (columns: {', '.join(header)}); "
             "pass --label-column NAME"
         )
+    with open(src, newline="", encoding="utf-8-sig") as f:
+        total = sum(1 for _ in records(f))
     li = header.index(label_column)
+    names = header[:li] + header[li + 1 :]
     width = len(header) - 1
     features = {"x": _raw(np.float32, (width,)), "y": _raw(np.int32, ())}
 
     def chunks(start: int) -> Iterator[Chunk]:
-        with open(src, newline="") as f:
-            rows = csv.reader(f, delimiter=delimiter)
-            next(rows)
+        with open(src, newline="", encoding="utf-8-sig") as f:
+            rows = records(f)
             for _ in range(start):
                 next(rows, None)
-            line = start + 2
             while True:
                 block = [r for _, r in zip(range(chunk), rows, strict=False)]
                 if not block:
@@ -235,33 +274,34 @@ def csv_table(
                 x = np.zeros((len(block), width), np.float32)
                 y = np.full(len(block), -1, np.int64)
                 errors: dict[int, tuple[str, str]] = {}
-                for i, row in enumerate(block):
-                    errors_i = _csv_row(row, li, width, x, y, i)
+                for i, (_, row) in enumerate(block):
+                    errors_i = _csv_row(row, li, names, x, y, i)
                     if errors_i:
                         errors[i] = errors_i
-                paths = [f"{src.name}:{line + i}" for i in range(len(block))]
-                line += len(block)
+                paths = [f"{src.name}:{line}" for line, _ in block]
                 yield Chunk(x, y, paths, errors)
 
     return Source("csv", features, total, None, num_classes, chunks)
 
 
-def _csv_row(row, li, width, x, y, i) -> tuple[str, str] | None:
-    if len(row) != width + 1:
-        return ("shape_mismatch", f"row has {len(row)} fields; the header has {width + 1}")
+def _csv_row(row, li, names, x, y, i) -> tuple[str, str] | None:
+    if len(row) != len(names) + 1:
+        return ("shape_mismatch", f"row has {len(row)} fields; the header has {len(names) + 1}")
     try:
         label = float(row[li])
     except ValueError:
         return ("label_out_of_range", f"label {row[li]!r} is not an integer")
     if not (np.isfinite(label) and label == int(label)):
         return ("label_out_of_range", f"label {row[li]!r} is not an integer")
+    if abs(label) >= 2.0**62:
+        return ("label_out_of_range", f"label {row[li]!r} is too large")
     y[i] = int(label)
     values = row[:li] + row[li + 1 :]
     for j, v in enumerate(values):
         try:
             x[i, j] = float(v) if v.strip() else np.nan  # an empty cell is a missing value
         except ValueError:
-            return ("undecodable", f"column {j} value {v!r} is not a number")
+            return ("undecodable", f"column {names[j]!r} value {v!r} is not a number")
     return None
 
 
@@ -303,6 +343,10 @@ def folder(
     val = next((n for n in VAL_NAMES if n in split_dirs), None)
     if "train" in split_dirs and val:
         roots = {"train": split_dirs["train"], "val": split_dirs[val]}
+    elif "train" in split_dirs and len(split_dirs) == 1:  # train/ alone: val by content hash
+        roots = {None: split_dirs["train"]}
+    elif val and len(split_dirs) == 1:
+        raise DataError(f"{src} has {val}/ but no train/ beside it; add SRC/train/<class>/...")
     else:
         roots = {None: src}
     listed = {split: _list(root) for split, root in roots.items()}
@@ -404,6 +448,11 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # convert() would clip
+            raise ValueError(
+                f"{im.mode} image: more than 8 bits per channel; images are stored as 8-bit, "
+                "so save these as 8-bit, or as .npy files to keep the depth"
+            )
         im.load()  # a truncated file raises here, not later
         return np.asarray(im.convert("L" if channels == 1 else "RGB")).reshape(
             im.height, im.width, channels

@@ -200,7 +200,7 @@ class RecordDataset:
 
     @property
     def channels(self) -> int:
-        return int(self.input_shape[-1] or 1)
+        return int(self.input_shape[-1] or 1) if self.input_shape else 1
 
     def readers(self) -> tuple[RecordReader, RecordReader]:
         layout = records.Layout(self.manifest["features"])
