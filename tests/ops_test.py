@@ -139,7 +139,8 @@ def test_mixing_ops_never_mix_in_a_bad_row_and_flip_needs_a_spatial_axis():
         assert (out["y"][:, 0] == 0).all(), spec
     with pytest.raises(DataError, match="flip_lr mirrors a spatial axis"):
         _run("flip_lr", {"x": np.ones((8, 3), np.float32), "y": np.arange(8) % 4})
-    with pytest.raises(DataError, match="start data.pp and data.pp_eval with decode"):
-        _run("flip_lr", {"x": [b"png bytes"] * 8, "y": np.arange(8) % 4})
+    for spec in ("flip_lr", "resize(4)|standardize"):
+        with pytest.raises(DataError, match="start data.pp and data.pp_eval with decode"):
+            _run(spec, {"x": [b"png bytes"] * 8, "y": np.arange(8) % 4})
     with pytest.raises(DataError, match="2 axes"):
         _run("random_crop(3, 3)", {"x": np.ones((8, 5, 5, 5, 1), np.float32), "y": np.zeros(8)})

@@ -62,16 +62,20 @@ class Context:
 Op = Callable[[Batch, Context], Batch]
 
 
+def _check_decoded(x) -> None:
+    if not isinstance(x, np.ndarray) and any(isinstance(xi, bytes) for xi in x):
+        raise DataError(
+            "the inputs are still encoded images (PNG/JPEG bytes); start data.pp and "
+            "data.pp_eval with decode, e.g. decode|resize(32)|standardize"
+        )
+
+
 def _images(batch: Batch, ctx: Context) -> np.ndarray:
     """The inputs as one array; rows of a shape other than the most common are marked bad."""
     x = batch["x"]
     if isinstance(x, np.ndarray):
         return x
-    if any(isinstance(xi, bytes) for xi in x):
-        raise DataError(
-            "the inputs are still encoded images (PNG/JPEG bytes); start data.pp and "
-            "data.pp_eval with decode, e.g. decode|resize(32)|standardize"
-        )
+    _check_decoded(x)
     good = [i for i in range(len(x)) if i not in ctx.bad]
     shapes = collections.Counter(x[i].shape for i in good)
     if not shapes:
@@ -129,6 +133,7 @@ def resize(*size: int) -> Op:
 
     def op(batch: Batch, ctx: Context) -> Batch:
         x = batch["x"]
+        _check_decoded(x)
         items = list(x) if isinstance(x, list) else [x]
         ndim = items[0].ndim - (0 if isinstance(x, list) else 1) - 1  # spatial axes
         target = size * ndim if len(size) == 1 else size
