@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bigtrain").info("%s", where)
 
     from bigtrain import resilience, train
+    from bigtrain.data import DataError
 
     if args.compile_only:
         try:
@@ -105,12 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         except config_lib.ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
+        except DataError as e:
+            print(f"data error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(stats, indent=2))
         return 0
     try:
         metrics = train.run(config, args.workdir)
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # unreadable data or a strict stop: names the file and the fix
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     except checkpoint.CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)

@@ -114,14 +114,21 @@ def run(
                 pending = None
             preempted = preemption.should_stop(done)
             if done % config.log_every == 0 or done == last or preempted:
-                pending = {"step": done, "train": metrics, "extra": extra}
+                # The skipped count now covers batches 1..done (the next one is not read yet).
+                skipped = getattr(data, "skipped_records", None)
+                pending = {"step": done, "train": metrics, "extra": extra, "skipped": skipped}
                 extra = {}
             eval_metrics = {}
             if _due(done, config.eval_every, config.total_steps):
                 jax.block_until_ready(state)  # queued train steps count as training time
                 t = time.perf_counter()
                 eval_metrics = evaluate(eval_step, state, data, watchdog)
-                pending = pending or {"step": done, "train": None, "extra": {}}
+                pending = pending or {
+                    "step": done,
+                    "train": None,
+                    "extra": {},
+                    "skipped": getattr(data, "skipped_records", None),
+                }
                 pending["extra"] = {**pending["extra"], **eval_metrics}
                 clock.paused += time.perf_counter() - t
             timed = _minutes_passed(last_save, config.checkpoint_every_minutes, done)
@@ -214,7 +221,7 @@ def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict, data) -> di
                 _warn_if_input_bound(row["perf/data_wait_frac"], clock, config)
             clock.warming_up = False
         clock.step, clock.time, clock.paused, clock.data_wait = pending["step"], now, 0.0, 0.0
-    skipped = getattr(data, "skipped_records", None)
+    skipped = pending.get("skipped", getattr(data, "skipped_records", None))
     if skipped is not None:
         row["data/skipped_records"] = int(skipped)
     writer.write(pending["step"], row)

@@ -161,6 +161,33 @@ def test_a_bad_record_mid_stream_is_skipped_and_counted(tmp_path, workers):
             strict[step]
 
 
+def test_a_record_damaged_on_disk_is_skipped_naming_its_shard(tmp_path):
+    """A flipped byte inside a record fails ArrayRecord's checksum on read: that record is
+    skipped and counted, the rest of its batch is read."""
+    x, _ = _source(tmp_path, 64)
+    convert.convert(tmp_path / "src.npz", tmp_path / "dst", val_fraction=0, shard_size=40)
+    path = tmp_path / "dst" / "train-00001.array_record"
+    reader = ArrayRecordReader(str(path))
+    blob = reader.read([2])[0]
+    reader.close()
+    data = bytearray(path.read_bytes())
+    at = data.find(blob)
+    assert at > 0 and data.count(blob) == 1
+    data[at + len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    ds = sources.load(_config(tmp_path / "dst").data)
+    train, _ = ds.readers()
+    batch, bad = train.read(np.arange(64))
+    assert list(bad) == [42] and "unreadable" in bad[42]
+    np.testing.assert_array_equal(batch["x"][43], x[43])  # val_fraction=0 keeps source order
+    d = pipeline.train_dataset(
+        train, _chain(ds), seed=0, global_batch=8, process_index=0, process_count=1
+    )
+    it = pipeline.iterate(d, threads=1, prefetch=1)
+    [next(it) for _ in range(8)]
+    assert it.skipped == 1
+
+
 @pytest.mark.parametrize("mix", ["", "|mixup(0.4)"])
 def test_training_from_converted_shards_learns(tmp_path, tiny_config, mix):
     """Also with mixup: soft labels (B, K) train through the same losses and step."""

@@ -291,17 +291,14 @@ def test_a_kill_while_finishing_resumes_and_overwrite_checks_the_source_first(
 ):
     x, y = _arrays(tmp_path, n=300)
     np.savez(tmp_path / "src.npz", x=x, y=y)
-    original = convert._atomic_write
 
-    def dying(path, text):
-        if path.name == records.REPORT:  # the shards are in DST already, the manifest is not
-            raise KeyboardInterrupt
-        original(path, text)
+    def dying(*args):  # the report comes after the shards moved to DST, before the manifest
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "_atomic_write", dying)
+    monkeypatch.setattr(convert, "_write_report", dying)
     with pytest.raises(KeyboardInterrupt):
         convert.convert(tmp_path / "src.npz", tmp_path / "dst", shard_size=100)
-    monkeypatch.setattr(convert, "_atomic_write", original)
+    monkeypatch.undo()
     assert list((tmp_path / "dst").glob("*.array_record"))
     m = convert.convert(tmp_path / "src.npz", tmp_path / "dst", shard_size=100)
     assert m["splits"]["train"]["records"] + m["splits"]["val"]["records"] == 300

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterator
 
 import jax
@@ -87,7 +88,7 @@ def build(config: ConfigDict, mesh: Mesh) -> Data:
     it = pipeline.iterate(
         train,
         threads=dc.read_threads,
-        prefetch=dc.prefetch if chunk == 1 else 2,
+        prefetch=max(math.ceil(dc.prefetch / chunk), 1 if chunk == 1 else 2),  # in chunks
         workers=workers,
         put=functools.partial(to_global, mesh=mesh, chunked=chunk > 1),
         chunk=chunk,

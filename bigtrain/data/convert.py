@@ -415,8 +415,11 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 def _finish(src, dst, work, source, layout, shards, moments, counts, options, secs) -> dict:
-    bad = [json.loads(line) for line in (work / "bad.jsonl").read_text().splitlines()]
-    by_rule = {r: sum(1 for b in bad if b["rule"] == r) for r in RULES}
+    by_rule = dict.fromkeys(RULES, 0)
+    with open(work / "bad.jsonl") as f:  # streamed: a dataset may drop millions of records
+        for line in f:
+            by_rule[json.loads(line)["rule"]] += 1
+    dropped = sum(by_rule.values())
     labels = [k for c in counts.values() for k in c]
     k = source.num_classes or (max(labels) + 1 if labels else None)
     if moments.mean is None:
@@ -424,7 +427,7 @@ def _finish(src, dst, work, source, layout, shards, moments, counts, options, se
             raise DataError(f"{src} holds no records; nothing to convert")
         raise DataError(
             f"none of the {source.total:,} records of {src} made it into the train split "
-            f"({len(bad):,} dropped: {', '.join(f'{n} {r}' for r, n in by_rule.items() if n)}; "
+            f"({dropped:,} dropped: {', '.join(f'{n} {r}' for r, n in by_rule.items() if n)}; "
             f"listed in {work / 'bad.jsonl'}); fix the source or the options"
         )
     std = np.sqrt(moments.m2 / max(moments.n, 1))
@@ -439,8 +442,7 @@ def _finish(src, dst, work, source, layout, shards, moments, counts, options, se
             "shards": s.done,
             "class_counts": hist,
         }
-    report = {"source": str(src), "dropped": len(bad), "by_rule": by_rule, "records": bad}
-    _atomic_write(dst / REPORT, json.dumps(report, indent=1))
+    _write_report(dst / REPORT, work / "bad.jsonl", src, dropped, by_rule)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -457,12 +459,24 @@ def _finish(src, dst, work, source, layout, shards, moments, counts, options, se
             "mean": moments.mean.tolist(),
             "std": std.tolist(),
         },
-        "cleaning": {"dropped": len(bad), "by_rule": by_rule},
+        "cleaning": {"dropped": dropped, "by_rule": by_rule},
         "seconds": round(secs, 3),
     }
     _atomic_write(dst / MANIFEST, json.dumps(manifest, indent=1))  # last: marks DST complete
     shutil.rmtree(work)
     return manifest
+
+
+def _write_report(path: pathlib.Path, bad_log: pathlib.Path, src, dropped, by_rule) -> None:
+    """cleaning_report.json, its records copied line by line from the log (atomic)."""
+    head = {"source": str(src), "dropped": dropped, "by_rule": by_rule}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as out, open(bad_log) as log:
+        out.write(json.dumps(head, indent=1)[:-2] + ',\n "records": [')
+        for i, line in enumerate(log):
+            out.write(("\n  " if i == 0 else ",\n  ") + line.rstrip("\n"))
+        out.write("\n ]\n}\n")
+    os.replace(tmp, path)
 
 
 def _version() -> str:

@@ -276,14 +276,16 @@ def _unpack(batch: Batch, put) -> tuple[Batch, int]:
     return (put(batch) if put is not None else batch), skipped
 
 
-def _read_chunk(ds: grain.MapDataset, c: int, k: int) -> tuple[Batch, np.ndarray]:
-    """Batches [c*k, (c+1)*k) stacked on a leading axis (k == 1: the batch itself); a plain
-    function, so the thread pool holds no reference to the iterator."""
-    if k == 1:
-        batch, skipped = _unpack(ds[c], None)
-        return batch, np.array([skipped])
-    batches = [ds[s] for s in range(c * k, (c + 1) * k)]
+def _read_one(ds: grain.MapDataset, s: int) -> Batch:
+    """Batch s; a plain function, so the thread pool holds no reference to the iterator."""
+    return ds[s]
+
+
+def _stack(batches: list[Batch]) -> tuple[Batch, np.ndarray]:
+    """One batch as it is, or K batches stacked on a leading axis; the skipped counts apart."""
     skipped = np.array([int(b.pop("skipped", 0)) for b in batches])
+    if len(batches) == 1:
+        return batches[0], skipped
     return {key: np.stack([b[key] for b in batches]) for key in batches[0]}, skipped
 
 
@@ -301,15 +303,18 @@ class Prefetch(grain.DatasetIterator):
         super().__init__()
         self._ds, self._put, self._depth, self.chunk = ds, put, max(depth, 1), max(chunk, 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(max(threads, 1), "bigtrain-input")
-        self._queue: collections.deque = collections.deque()  # futures of chunks _first, ...
+        self._queue: collections.deque = collections.deque()  # per chunk _first, ...: its tasks
         self._first = 0  # index of the chunk at the head of the queue
         self._current: tuple | None = None  # (chunk index, arrays, skipped per batch)
         self._next, self.skipped = 0, 0
 
     def _fill(self) -> None:
+        """Queues the next chunks' batches, each its own task: all threads read every chunk."""
+        k = self.chunk
         while len(self._queue) < self._depth:
             c = self._first + len(self._queue)
-            self._queue.append(self._pool.submit(_read_chunk, self._ds, c, self.chunk))
+            tasks = [self._pool.submit(_read_one, self._ds, s) for s in range(c * k, (c + 1) * k)]
+            self._queue.append(tasks)
 
     def __next__(self):
         c = self._next // self.chunk
@@ -318,7 +323,7 @@ class Prefetch(grain.DatasetIterator):
                 self._drop_queue()
                 self._first = c
             self._fill()
-            arrays, skipped = self._queue.popleft().result()  # re-raises a reader's error
+            arrays, skipped = _stack([t.result() for t in self._queue.popleft()])  # re-raises
             self._first = c + 1
             self._fill()
             # `put` (the transfer) runs here, on the caller's thread, after the reads ahead
@@ -332,9 +337,10 @@ class Prefetch(grain.DatasetIterator):
     def _drop_queue(self) -> None:
         if not self._queue:
             return
-        for future in self._queue:
-            future.cancel()
-        concurrent.futures.wait(list(self._queue))
+        tasks = [t for chunk in self._queue for t in chunk]
+        for t in tasks:
+            t.cancel()
+        concurrent.futures.wait(tasks)
         self._queue.clear()
 
     def get_state(self) -> dict:

@@ -440,6 +440,12 @@ def _load_into(kind, f, shape, out, i, what, squeeze=False) -> tuple[str, str] |
         a = a[..., 0]
     if a.shape != shape:
         return ("shape_mismatch", f"{what} has shape {a.shape}; most files have {shape}")
+    if what == "input" and not np.can_cast(a.dtype, out.dtype, "safe"):  # masks: see _mask
+        return (
+            "shape_mismatch",
+            f"input has dtype {a.dtype}; most files have {out.dtype}, and the cast could "
+            "change its values: save every file with one dtype",
+        )
     out[i] = a
     return None
 

@@ -161,20 +161,35 @@ class RecordReader:
             self._readers.setdefault(shard, reader)  # two threads may race here; one wins
         return self._readers[shard]
 
-    def read_blobs(self, idx: np.ndarray) -> list[bytes]:
-        """The undecoded records at `idx`, in order."""
+    def read_blobs(self, idx: np.ndarray) -> tuple[list[bytes], dict[int, str]]:
+        """The undecoded records at `idx`, in order, and the rows that could not be read (a
+        record whose checksum fails: the shard was damaged after conversion), with why."""
         idx = np.asarray(idx, np.int64)
         shard = np.searchsorted(self.starts, idx, side="right") - 1
         blobs: list[bytes] = [b""] * len(idx)
+        bad: dict[int, str] = {}
         for s in np.unique(shard).tolist():
             rows = np.flatnonzero(shard == s)
-            got = self._reader(s).read((idx[rows] - self.starts[s]).tolist())
+            positions = (idx[rows] - self.starts[s]).tolist()
+            reader = self._reader(s)
+            try:
+                got = reader.read(positions)
+            except RuntimeError:  # one damaged record fails the whole call: read one by one
+                got = []
+                for r, pos in zip(rows.tolist(), positions, strict=True):
+                    try:
+                        got.append(reader.read([pos])[0])
+                    except RuntimeError as e:
+                        got.append(b"")
+                        bad[r] = f"unreadable ({str(e)[:120]}); the shard changed after conversion"
             for r, blob in zip(rows.tolist(), got, strict=True):
                 blobs[r] = blob
-        return blobs
+        return blobs, bad
 
     def read(self, idx: np.ndarray) -> tuple[dict, dict[int, str]]:
-        batch, bad = self.layout.decode(self.read_blobs(idx))
+        blobs, unreadable = self.read_blobs(idx)
+        batch, bad = self.layout.decode(blobs)
+        bad.update(unreadable)  # the read error is the reason, not the empty placeholder
         return {"x": batch["x"], "y": batch["y"]}, bad  # segmentation is not trained on yet
 
     def describe(self, index: int) -> str:

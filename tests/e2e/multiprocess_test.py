@@ -52,6 +52,13 @@ def _two_processes(cfg, workdir):
     )
 
 
+def _one_process(cfg, workdir):
+    """The same config in one process with two devices."""
+    cmd = [sys.executable, "-m", "bigtrain.main", "--config", str(cfg), "--workdir", workdir]
+    one = subprocess.run(cmd, cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-4000:]
+
+
 def _finish(proc, timeout=240):
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
@@ -92,15 +99,7 @@ def runs(tmp_path_factory):
     cfg = _config_file(root)
     two = _two_processes(cfg, root / "two")
     out_two = _finish(two)
-    one = subprocess.run(
-        [sys.executable, "-m", "bigtrain.main", "--config", str(cfg), "--workdir", root / "one"],
-        cwd=REPO,
-        env=_env(2),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert one.returncode == 0, one.stderr[-4000:]
+    _one_process(cfg, root / "one")
     return {"root": root, "cfg": cfg, "two": root / "two", "one": root / "one", "out": out_two}
 
 
@@ -200,16 +199,7 @@ def test_uneven_converted_shards_over_two_processes_equal_one_process(tmp_path):
     c.total_steps, c.eval_every, c.checkpoint_every = 30, 15, 0
     cfg = write_config_file(tmp_path, c)
     _finish(_two_processes(cfg, tmp_path / "two"))
-    cmd = [sys.executable, "-m", "bigtrain.main", "--config", str(cfg)]
-    one = subprocess.run(
-        [*cmd, "--workdir", tmp_path / "one"],
-        cwd=REPO,
-        env=_env(2),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert one.returncode == 0, one.stderr[-4000:]
+    _one_process(cfg, tmp_path / "one")
     evals = lambda w: [(r["eval/count"], r["eval/accuracy"]) for r in _rows(w) if "eval/count" in r]
     assert [count for count, _ in evals(tmp_path / "two")] == [n_val, n_val]
     np.testing.assert_allclose(evals(tmp_path / "two"), evals(tmp_path / "one"), rtol=1e-5)
