@@ -161,6 +161,32 @@ def test_a_bad_record_mid_stream_is_skipped_and_counted(tmp_path, workers):
             strict[step]
 
 
+def test_skipped_records_are_logged_as_of_their_step(tmp_path, tiny_config):
+    import json
+
+    _source(tmp_path, 64)
+    convert.convert(tmp_path / "src.npz", tmp_path / "dst", val_fraction=0.2, shard_size=20)
+    _corrupt(tmp_path / "dst" / "train-00001.array_record", 2)  # train record 22
+    c = tiny_config
+    c.data.name, c.data.path, c.data.pp, c.data.pp_eval = (
+        "arrayrecord",
+        str(tmp_path / "dst"),
+        "",
+        "",
+    )
+    c.mesh.data, c.data.chunk, c.batch_size = 1, 4, 8
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 1, 0, 0
+    bigtrain.run(c, tmp_path / "run")
+    n = len(sources.load(c.data).readers()[0])
+    hits = [22 in pipeline.stream_indices(n, c.seed, s * 8, 8) for s in range(20)]
+    expected = np.cumsum(hits).tolist()
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [r["data/skipped_records"] for r in rows if "train/loss" in r]
+    assert logged == expected and expected[-1] >= 2
+
+
 def test_a_record_damaged_on_disk_is_skipped_naming_its_shard(tmp_path):
     """A flipped byte inside a record fails ArrayRecord's checksum on read: that record is
     skipped and counted, the rest of its batch is read."""
