@@ -108,27 +108,20 @@ def run(
             state, metrics = train_step(state, batch)
             watchdog.beat()
             if pending is not None:
-                row = _flush(writer, pending, clock, config, data)
+                row = _flush(writer, pending, clock, config)
                 final.update(row)
                 _check_nonfinite(row, config, workdir, data, state)
                 pending = None
             preempted = preemption.should_stop(done)
             if done % config.log_every == 0 or done == last or preempted:
-                # The skipped count now covers batches 1..done (the next one is not read yet).
-                skipped = getattr(data, "skipped_records", None)
-                pending = {"step": done, "train": metrics, "extra": extra, "skipped": skipped}
+                pending = _pending(done, metrics, extra, data)
                 extra = {}
             eval_metrics = {}
             if _due(done, config.eval_every, config.total_steps):
                 jax.block_until_ready(state)  # queued train steps count as training time
                 t = time.perf_counter()
                 eval_metrics = evaluate(eval_step, state, data, watchdog)
-                pending = pending or {
-                    "step": done,
-                    "train": None,
-                    "extra": {},
-                    "skipped": getattr(data, "skipped_records", None),
-                }
+                pending = pending or _pending(done, None, {}, data)
                 pending["extra"] = {**pending["extra"], **eval_metrics}
                 clock.paused += time.perf_counter() - t
             timed = _minutes_passed(last_save, config.checkpoint_every_minutes, done)
@@ -142,7 +135,7 @@ def run(
             if preempted:
                 break
         if pending is not None:
-            row = _flush(writer, pending, clock, config, data)
+            row = _flush(writer, pending, clock, config)
             final.update(row)
             _check_nonfinite(row, config, workdir, data, state)
         if start >= last:  # nothing left to train: report the restored model
@@ -204,7 +197,18 @@ class _Clock:
         self.warming_up = True  # the first interval holds the first read-ahead: not a verdict
 
 
-def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict, data) -> dict:
+def _pending(step: int, train, extra: dict, data) -> dict:
+    """A log row waiting for its step's metrics. The skipped-record count is taken now, when
+    it covers batches 1..step: by the flush, the next step's batch has been read too."""
+    return {
+        "step": step,
+        "train": train,
+        "extra": extra,
+        "skipped": getattr(data, "skipped_records", None),
+    }
+
+
+def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict) -> dict:
     row = dict(pending["extra"])
     if pending["train"] is not None:
         row.update({k: float(v) for k, v in jax.device_get(pending["train"]).items()})
@@ -221,7 +225,7 @@ def _flush(writer, pending: dict, clock: _Clock, config: ConfigDict, data) -> di
                 _warn_if_input_bound(row["perf/data_wait_frac"], clock, config)
             clock.warming_up = False
         clock.step, clock.time, clock.paused, clock.data_wait = pending["step"], now, 0.0, 0.0
-    skipped = pending.get("skipped", getattr(data, "skipped_records", None))
+    skipped = pending["skipped"]
     if skipped is not None:
         row["data/skipped_records"] = int(skipped)
     writer.write(pending["step"], row)

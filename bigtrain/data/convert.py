@@ -433,9 +433,14 @@ def _finish(src, dst, work, source, layout, shards, moments, counts, options, se
     std = np.sqrt(moments.m2 / max(moments.n, 1))
     splits = {}
     for name, s in shards.items():
-        for shard in s.done:  # a rerun after a kill in here finds some moved already
-            if (work / shard["file"]).exists() or not (dst / shard["file"]).exists():
+        for shard in s.done:
+            if (work / shard["file"]).exists():
                 os.replace(work / shard["file"], dst / shard["file"])
+            elif not (dst / shard["file"]).exists():  # (moved already: a kill in here, rerun)
+                raise DataError(
+                    f"shard {shard['file']} is in neither {work} nor {dst}; convert again "
+                    "with --overwrite"
+                )
         hist = [counts[name].get(c, 0) for c in range(k)] if k else []  # k <= MAX_CLASSES
         splits[name] = {
             "records": sum(sh["records"] for sh in s.done),

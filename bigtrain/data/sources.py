@@ -3,7 +3,6 @@ ArrayRecord shards (`arrayrecord`, see `convert.py`) read in batches from disk."
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import os
@@ -145,13 +144,12 @@ class RecordReader:
             from array_record.python.array_record_module import ArrayRecordReader
 
             path, expected = self.paths[shard], self.shards[shard]["records"]
+            fix = "restore it or convert the source again (python -m bigtrain.data.convert "
+            if not os.path.isfile(path):
+                raise DataError(f"shard {path} is missing; {fix}SRC DST --overwrite)")
             reader = ArrayRecordReader(path, "readahead_buffer_size:0")
-            if not os.path.isfile(path) or not reader.ok():
-                why = "is missing" if not os.path.isfile(path) else "is damaged (truncated?)"
-                raise DataError(
-                    f"shard {path} {why}; restore it or convert the source again "
-                    "(python -m bigtrain.data.convert SRC DST --overwrite)"
-                )
+            if not reader.ok():
+                raise DataError(f"shard {path} is damaged (truncated?); {fix}SRC DST --overwrite)")
             found = reader.num_records()
             if found != expected:
                 raise DataError(
@@ -193,7 +191,7 @@ class RecordReader:
         return {"x": batch["x"], "y": batch["y"]}, bad  # segmentation is not trained on yet
 
     def describe(self, index: int) -> str:
-        shard = bisect.bisect_right(self.starts.tolist(), index) - 1
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
         return f"{self.paths[shard]} record {index - int(self.starts[shard])}"
 
 
